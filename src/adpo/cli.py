@@ -1,0 +1,100 @@
+"""``adpo-train`` / ``python train_adpo_multimodal.py``: parse, build, train, save."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser, set_seed
+
+from .config import ADPOConfig, DataArguments, ModelArguments
+
+logger = logging.getLogger("adpo")
+
+DESCRIPTION = """Train a model with Abductive DPO: for one response, make the chosen prompt (text + images) more
+likely than the rejected one, relative to a frozen reference. Rows: {response, chosen, chosen_images, rejected,
+rejected_images}. Every transformers TrainingArguments flag works too."""
+
+
+def build_parser() -> HfArgumentParser:
+    parser = HfArgumentParser((ModelArguments, DataArguments, ADPOConfig), description=DESCRIPTION)
+    parser.add_argument("--config", default=None, help="YAML file of arguments; flags on the command line win.")
+    for action in parser._actions:
+        # A bare --multimodal_mode means true; leaving it out means "auto" (None).
+        if action.dest == "multimodal_mode":
+            action.nargs, action.const = "?", True
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, ADPOConfig]:
+    parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**load_config_file(known.config, parser))
+    # The trailing namespace holds --config (already applied above).
+    model_args, data_args, training_args, _, extra = parser.parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True
+    )
+    if extra:
+        parser.error(f"unrecognised arguments: {' '.join(extra)}")
+    return model_args, data_args, training_args
+
+
+def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Read a YAML config whose keys are flag names (without dashes)."""
+    try:
+        values = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise SystemExit(f"--config {path}: cannot read it: {err}") from None
+    if not isinstance(values, dict):
+        raise SystemExit(f"--config {path}: expected a mapping of flag names to values.")
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SystemExit(f"--config {path}: unknown keys {unknown}; keys are flag names such as learning_rate.")
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    model_args, data_args, training_args = parse_args(argv)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if training_args.should_log else logging.WARNING,
+    )
+    from .pipeline import build_trainer  # heavy imports after argument errors are reported
+
+    set_seed(training_args.seed)
+    trainer, processor = build_trainer(model_args, data_args, training_args)
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(training_args.output_dir)
+        print(f"adpo: trained {result.global_step} steps, final train loss {result.training_loss:.4f}")
+        print(f"adpo: saved {'adapter' if model_args.use_peft else 'model'} and processor to "
+              f"{training_args.output_dir}")
+    return 0
+
+
+def run() -> None:
+    """Console-script entry point: clear one-line errors for bad input instead of tracebacks."""
+    from .data import ADPODataError
+
+    try:
+        sys.exit(main())
+    except (ADPODataError, ValueError, FileNotFoundError) as err:
+        if os.environ.get("ADPO_TRACEBACK"):
+            raise
+        print(f"adpo: error: {err}\n(set ADPO_TRACEBACK=1 to see where it was raised)", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run()

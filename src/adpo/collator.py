@@ -1,0 +1,197 @@
+"""Rows → one batch of ``2B`` sequences, ``[chosen; rejected]`` along dim 0.
+
+Each side becomes ``prompt ids + response ids``: the prompt is the user turn (text + images) in the model's own
+chat template followed by the generation prompt, and the response is the assistant turn as the template renders
+it (ending with its end-of-turn token). The response is tokenised on its own, so its ids cannot merge with the
+prompt's at the boundary and are identical on both sides; the collator checks that they are.
+
+The processor batches the prompts and images of all ``2B`` sides in one call, so every family-specific image
+tensor (``pixel_values``, ``pixel_attention_mask``, ``image_sizes``, ...) comes out in the layout the model
+expects. Tensors laid out along the token sequence are then cut to each prompt and extended over its response
+(see :data:`SEQUENCE_KEYS`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase, ProcessorMixin
+
+from .data import ROW_ID, ADPODataError, row_images, row_text
+from .images import ImageLoadError, load_image, shrink_to_longest_edge
+
+logger = logging.getLogger(__name__)
+
+# Processor outputs laid out along the token sequence as (rows, seq, ...). The processor pads them to the
+# longest prompt; we keep each row's prompt positions, repeat the last prompt position over the response (what
+# the response tokens would get had the processor seen them) and pad with zeros.
+SEQUENCE_KEYS = {
+    "attention_mask": "every model",
+    "token_type_ids": "Gemma 3: 1 marks image tokens",
+    "mm_token_type_ids": "processors that mark multimodal tokens (Idefics3 on request, Qwen)",
+    "cross_attention_mask": "Mllama / Llama 3.2 Vision: (rows, seq, images, tiles)",
+}
+
+# Keys the collator adds for the trainer; they never reach the model.
+RESPONSE_MASK = "response_mask"
+ROW_IDS = "row_ids"
+
+
+@dataclass
+class EncodedSide:
+    prompt: str  # the rendered prompt text (image placeholders not yet expanded)
+    images: list[Any]  # RGB PIL images
+    response_ids: list[int]
+
+
+class ADPOCollator:
+    """Collate ADPO rows into one ``[chosen; rejected]`` batch.
+
+    Output (``R = 2B`` rows, chosen rows first, ``L`` = longest prompt + response):
+        input_ids (R, L), attention_mask (R, L), response_mask (R, L) bool: True at response tokens,
+        row_ids (B,): the dataset's row index of each pair, and every other tensor the processor returns.
+    """
+
+    def __init__(
+        self,
+        processor: ProcessorMixin | PreTrainedTokenizerBase,
+        *,
+        multimodal: bool,
+        separate_images: bool = True,
+        max_image_size: int | None = None,
+        image_processor_kwargs: dict[str, Any] | None = None,
+        pad_to_multiple_of: int | None = None,
+    ) -> None:
+        self.processor = processor
+        self.tokenizer: PreTrainedTokenizerBase = getattr(processor, "tokenizer", processor)
+        self.is_processor = isinstance(processor, ProcessorMixin)
+        self.multimodal = multimodal
+        self.separate_images = separate_images
+        self.max_image_size = max_image_size
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.chat_template = getattr(processor, "chat_template", None) or self.tokenizer.chat_template
+        self.image_token = getattr(processor, "image_token", None)
+        if multimodal:
+            if not self.is_processor or getattr(processor, "image_processor", None) is None:
+                raise ValueError("--multimodal_mode needs a model whose processor takes images; "
+                                 f"{type(processor).__name__} does not.")
+            if self.chat_template is None:
+                raise ValueError("The processor has no chat template, so prompts cannot place their images.")
+        self.image_processor_kwargs = check_image_processor_kwargs(processor, image_processor_kwargs or {})
+        if self.tokenizer.pad_token_id is None:
+            raise ValueError("The tokenizer has no pad token; set one (e.g. tokenizer.pad_token = eos_token).")
+
+    # ------------------------------------------------------------------ one side
+    def encode_side(self, row: dict[str, Any], side: str) -> EncodedSide:
+        row_id = row.get(ROW_ID)
+        text = row_text(row, side, row_id)
+        response = row_text(row, "response", row_id)
+        images: list[Any] = []
+        if self.multimodal:
+            field = f"{side}_images" if self.separate_images else "chosen_images"
+            images = [self._load(value, row_id, field) for value in row_images(row, field, row_id)]
+            if not images:
+                raise ADPODataError(row_id, field, "has no image (multimodal mode needs at least one per side)")
+        prompt, response_text = self._render(text, len(images), response, row_id, side)
+        if self.chat_template is not None:
+            response_ids = self.tokenizer(response_text, add_special_tokens=False)["input_ids"]
+        else:
+            # No template: the response as given, then EOS.
+            response_ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
+            response_ids = [*response_ids, self.tokenizer.eos_token_id]
+        return EncodedSide(prompt, images, response_ids)
+
+    def _load(self, value: Any, row_id: int | None, field: str) -> Any:
+        try:
+            image = load_image(value)
+        except ImageLoadError as err:
+            raise ADPODataError(row_id, field, str(err)) from None
+        return shrink_to_longest_edge(image, self.max_image_size)
+
+    def _render(self, text: str, n_images: int, response: str, row_id: int | None, side: str) -> tuple[str, str]:
+        """(prompt text, response text as the template renders the assistant turn)."""
+        if self.chat_template is None:
+            return text, response
+        if self.is_processor:
+            placed = self.image_token is not None and self.image_token in text
+            if placed and text.count(self.image_token) != n_images:
+                raise ADPODataError(row_id, side, f"places {text.count(self.image_token)} {self.image_token} "
+                                    f"placeholder(s) but the side has {n_images} image(s)")
+            parts = [] if placed else [{"type": "image"}] * n_images
+            user = {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+            assistant = {"role": "assistant", "content": [{"type": "text", "text": response}]}
+        else:
+            user = {"role": "user", "content": text}
+            assistant = {"role": "assistant", "content": response}
+        prompt = self.processor.apply_chat_template([user], add_generation_prompt=True, tokenize=False)
+        full = self.processor.apply_chat_template([user, assistant], tokenize=False)
+        if not full.startswith(prompt):
+            raise ADPODataError(row_id, side, "the chat template does not render the answer as a continuation of "
+                                "the generation prompt, so the response tokens cannot be located")
+        return prompt, full[len(prompt):]
+
+    # ------------------------------------------------------------------ the batch
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        chosen = [self.encode_side(row, "chosen") for row in rows]
+        rejected = [self.encode_side(row, "rejected") for row in rows]
+        for row, c, r in zip(rows, chosen, rejected, strict=True):
+            if c.response_ids != r.response_ids:
+                raise ADPODataError(row.get(ROW_ID), "response", "tokenises differently after the chosen and the "
+                                    "rejected prompt, so their log-probs would not compare the same tokens")
+        batch = self.collate_sides(chosen + rejected)
+        batch[ROW_IDS] = torch.tensor([row.get(ROW_ID, -1) for row in rows], dtype=torch.long)
+        return batch
+
+    def collate_sides(self, sides: list[EncodedSide]) -> dict[str, torch.Tensor]:
+        """Process the prompts of ``sides`` in one processor call and append each side's response."""
+        prompts = [s.prompt for s in sides]
+        common = {"return_tensors": "pt", "padding": True, "add_special_tokens": self.chat_template is None}
+        if self.multimodal:
+            encoded = self.processor(
+                text=prompts, images=[s.images for s in sides], **common, **self.image_processor_kwargs
+            )
+        else:
+            encoded = self.tokenizer(prompts, **common)
+        encoded = dict(encoded)
+        keep = encoded.pop("attention_mask").bool()
+        prompt_ids = encoded.pop("input_ids")
+        prompt_lens = keep.sum(1)
+        response_lens = torch.tensor([len(s.response_ids) for s in sides])
+        length = int((prompt_lens + response_lens).max())
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+
+        n = len(sides)
+        input_ids = torch.full((n, length), self.tokenizer.pad_token_id, dtype=torch.long)
+        response_mask = torch.zeros((n, length), dtype=torch.bool)
+        seq = {"attention_mask": keep.long()} | {k: encoded.pop(k) for k in SEQUENCE_KEYS if k in encoded}
+        out_seq = {k: v.new_zeros((n, length, *v.shape[2:])) for k, v in seq.items()}
+        for i, side in enumerate(sides):
+            p, r = int(prompt_lens[i]), int(response_lens[i])
+            input_ids[i, :p] = prompt_ids[i][keep[i]]
+            input_ids[i, p : p + r] = torch.tensor(side.response_ids, dtype=torch.long)
+            response_mask[i, p : p + r] = True
+            for key, value in seq.items():
+                row = value[i][keep[i]]
+                out_seq[key][i, :p] = row
+                out_seq[key][i, p : p + r] = row[-1:]
+        return {"input_ids": input_ids, **out_seq, **encoded, RESPONSE_MASK: response_mask}
+
+
+def check_image_processor_kwargs(processor: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Reject ``--image_processor_kwargs`` keys the model's image processor does not take."""
+    if not kwargs:
+        return {}
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is None:
+        raise ValueError("--image_processor_kwargs was given but the model has no image processor.")
+    valid = set(getattr(getattr(image_processor, "valid_kwargs", None), "__annotations__", {}))
+    valid |= {k for k in vars(image_processor) if not k.startswith("_")}
+    unknown = sorted(set(kwargs) - valid)
+    if unknown:
+        raise ValueError(f"--image_processor_kwargs: {type(image_processor).__name__} does not take "
+                         f"{unknown}; valid keys: {sorted(valid)}.")
+    return kwargs

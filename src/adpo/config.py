@@ -1,0 +1,158 @@
+"""Configuration dataclasses: model, data and training (a ``TrainingArguments`` subclass).
+
+Every field has ``help`` text (shown by ``--help``) and checks that fail fast, saying how to fix the problem.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from transformers import TrainingArguments
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Model to train: a hub id or a local folder that loads with from_pretrained."},
+    )
+    ref_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Reference model (hub id or folder). Default: a frozen copy of the initial model, or "
+                  "with --use_peft the same model with its adapters disabled."},
+    )
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = field(
+        default="float32",
+        metadata={"help": "dtype the weights are loaded in. Mixed precision (--bf16/--fp16) is separate: it keeps "
+                  "float32 weights and computes in half precision."},
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "Attention kernel, e.g. sdpa, eager, flash_attention_2 (default: model's)."}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom code from the model repository."})
+    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of the full model."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
+    lora_target_modules: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated LoRA targets: component names (vision_tower, mm_projector, "
+                  "language_model), module-name suffixes (q_proj,v_proj) or all-linear. LoRA on a component "
+                  "wraps the Linear layers inside it. Default: the language model's Linear layers."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.lora_r <= 0:
+            raise ValueError(f"--lora_r must be positive, got {self.lora_r}.")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Training rows: a hub dataset id, a folder written by save_to_disk, or a local "
+                  ".json/.jsonl/.parquet/.csv file (image fields there are paths relative to the file)."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
+    eval_dataset_name: str | None = field(
+        default=None, metadata={"help": "Evaluation rows (same forms as --dataset_name). Default: --dataset_name."}
+    )
+    eval_split: str | None = field(
+        default=None, metadata={"help": "Split to evaluate on (with --eval_strategy steps|epoch)."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation rows."})
+    multimodal_mode: bool | None = field(
+        default=None,
+        metadata={"help": "Feed each side's images to the model. Unset: on when the model takes images and the "
+                  "rows carry them. --multimodal_mode false trains text-only (images withheld), e.g. for a "
+                  "text-only baseline."},
+    )
+    separate_images: bool = field(
+        default=True,
+        metadata={"help": "Use rejected_images for the rejected prompt. false: both sides use chosen_images "
+                  "(the sides then differ only in text)."},
+    )
+    max_image_size: int | None = field(
+        default=None,
+        metadata={"help": "Downscale images so their longest edge is at most this many pixels (aspect kept), "
+                  "before the processor."},
+    )
+    image_processor_kwargs: str | None = field(
+        default=None,
+        metadata={"help": "JSON object of image-processor arguments, e.g. "
+                  "'{\"size\": {\"height\": 336, \"width\": 336}, \"do_rescale\": true}'."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_image_size is not None and self.max_image_size < 1:
+            raise ValueError(f"--max_image_size must be a positive number of pixels, got {self.max_image_size}.")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be at least 1, got {value}.")
+        self.image_processor_kwargs_dict()  # fail on bad JSON now, not at the first batch
+
+    def image_processor_kwargs_dict(self) -> dict[str, Any]:
+        """``--image_processor_kwargs`` parsed into a dict ({} when unset)."""
+        if not self.image_processor_kwargs:
+            return {}
+        try:
+            value = json.loads(self.image_processor_kwargs)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"--image_processor_kwargs is not valid JSON ({err.msg} at character {err.pos}): "
+                f"{self.image_processor_kwargs!r}. Example: '{{\"size\": {{\"longest_edge\": 384}}}}'."
+            ) from None
+        if not isinstance(value, dict):
+            raise ValueError(f"--image_processor_kwargs must be a JSON object, got {type(value).__name__}.")
+        return value
+
+
+@dataclass
+class ADPOConfig(TrainingArguments):
+    """``TrainingArguments`` plus the ADPO objective. Every Trainer flag works as usual."""
+
+    beta: float = field(default=0.1, metadata={"help": "β: strength of the implicit KL penalty to the reference."})
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "ε: assumed probability that a pair's chosen/rejected labels are flipped."}
+    )
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = field(
+        default="sigmoid",
+        metadata={"help": "sigmoid: -log σ(βh); ipo: (h - 1/(2β))² on per-token averaged log-probs; "
+                  "hinge: relu(1 - βh)."},
+    )
+    reference_free: bool = field(
+        default=False, metadata={"help": "Drop the reference terms (an implicit uniform reference)."}
+    )
+    dpop_lambda: float = field(
+        default=0.0,
+        metadata={"help": "A-DPOP λ: penalise the policy's chosen log-prob falling below the reference's."},
+    )
+    # Defaults that differ from TrainingArguments'.
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Kept False: the collator needs the raw rows (text and images)."}
+    )
+    logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.beta <= 0:
+            raise ValueError(f"--beta must be positive, got {self.beta}.")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}.")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ValueError("--label_smoothing applies to --loss_type sigmoid only.")
+        if self.dpop_lambda < 0:
+            raise ValueError(f"--dpop_lambda must be >= 0, got {self.dpop_lambda}.")
+        if self.dpop_lambda and (self.loss_type != "sigmoid" or self.reference_free):
+            raise ValueError("--dpop_lambda (A-DPOP) needs --loss_type sigmoid and a reference model.")
+        if self.remove_unused_columns:
+            raise ValueError("--remove_unused_columns must stay false: the collator reads the raw rows.")

@@ -1,0 +1,144 @@
+"""Load ADPO rows from the hub, a ``save_to_disk`` folder or a local JSON/JSONL/Parquet/CSV file.
+
+A row is ``{response, chosen, chosen_images, rejected, rejected_images}``; text-only rows omit the image fields.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, DatasetDict, Value, load_dataset, load_from_disk
+
+logger = logging.getLogger(__name__)
+
+TEXT_FIELDS = ("response", "chosen", "rejected")
+IMAGE_FIELDS = ("chosen_images", "rejected_images")
+ROW_ID = "_adpo_row"  # original row index, carried through shuffling so errors can name the row
+
+_LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class ADPODataError(ValueError):
+    """A row that cannot be trained on. The message names the row and the field."""
+
+    def __init__(self, row: int | None, field: str, problem: str) -> None:
+        where = f"row {row}" if row is not None else "dataset"
+        super().__init__(f"{where}, field '{field}': {problem}")
+        self.row, self.field, self.problem = row, field, problem
+
+
+def load_adpo_dataset(
+    name: str, split: str = "train", config: str | None = None, max_samples: int | None = None
+) -> Dataset:
+    """Load one split of ADPO rows, with a ``_adpo_row`` column holding each row's original index.
+
+    Image paths in local files are made absolute (they are relative to the file's folder).
+    """
+    path = Path(name)
+    image_root: str | None = None
+    if path.is_file():
+        builder = _LOCAL_FORMATS.get(path.suffix.lower())
+        if builder is None:
+            raise ValueError(f"--dataset_name {name}: unsupported file type {path.suffix!r}; "
+                             f"use one of {', '.join(sorted(_LOCAL_FORMATS))} or a save_to_disk folder.")
+        dataset = load_dataset(builder, data_files=str(path), split="train")
+        image_root = str(path.resolve().parent)
+    elif path.is_dir() and _is_saved_dataset(path):
+        dataset = load_from_disk(str(path))
+        if isinstance(dataset, DatasetDict):
+            if split not in dataset:
+                raise ValueError(f"{name} has splits {sorted(dataset)}, not {split!r}: set --dataset_split.")
+            dataset = dataset[split]
+    else:
+        dataset = load_dataset(name, config, split=split)
+    if max_samples is not None:
+        dataset = dataset.select(range(min(max_samples, len(dataset))))
+    check_columns(dataset, name)
+    if image_root is not None:
+        dataset = _absolute_image_paths(dataset, image_root)
+    if ROW_ID not in dataset.column_names:
+        dataset = dataset.add_column(ROW_ID, list(range(len(dataset))))
+    logger.info("loaded %d rows from %s (split %s)", len(dataset), name, split)
+    return dataset
+
+
+def _absolute_image_paths(dataset: Dataset, root: str) -> Dataset:
+    """Resolve relative image paths in a local file's rows against the file's folder.
+
+    Only columns that store paths (strings, or lists of strings) are touched; encoded images pass through.
+    """
+    fields = [f for f in IMAGE_FIELDS if f in dataset.column_names and _stores_paths(dataset.features[f])]
+
+    def resolve(row: dict[str, Any], idx: int) -> dict[str, Any]:
+        return {
+            field: [v if os.path.isabs(v) else os.path.join(root, v) for v in row_images(row, field, idx)]
+            for field in fields
+        }
+
+    if not fields:
+        return dataset
+    return dataset.map(resolve, with_indices=True, desc="resolving image paths")
+
+
+def _stores_paths(feature: Any) -> bool:
+    inner = getattr(feature, "feature", feature)  # List(Value("string")) or Value("string")
+    return isinstance(inner, Value) and inner.dtype in ("string", "large_string")
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (
+        path / "state.json"
+    ).exists()
+
+
+def check_columns(dataset: Dataset, name: str) -> None:
+    """Fail before training when a required column is missing from the whole dataset."""
+    missing = [f for f in TEXT_FIELDS if f not in dataset.column_names]
+    if missing:
+        raise ADPODataError(
+            None, missing[0],
+            f"{name} has no column {missing[0]!r} (columns: {dataset.column_names}); an ADPO row needs "
+            "response, chosen, rejected and, for images, chosen_images and rejected_images.",
+        )
+
+
+def has_images(dataset: Dataset) -> bool:
+    """Whether the rows carry image columns."""
+    return any(f in dataset.column_names for f in IMAGE_FIELDS)
+
+
+def row_text(row: dict[str, Any], field: str, row_id: int | None) -> str:
+    """A row's text field, checked to be a non-empty string."""
+    value = row.get(field)
+    if value is None:
+        raise ADPODataError(row_id, field, "missing")
+    if not isinstance(value, str):
+        raise ADPODataError(row_id, field, f"must be a string, got {type(value).__name__}")
+    if field == "response" and not value.strip():
+        raise ADPODataError(row_id, field, "is empty")
+    return value
+
+
+def row_images(row: dict[str, Any], field: str, row_id: int | None) -> list[Any]:
+    """A row's image field as a list of image values (paths, PIL images, bytes or {'bytes', 'path'} dicts).
+
+    CSV files store lists as text: a JSON list string is parsed, a plain string is one path.
+    """
+    value = row.get(field)
+    if value is None:
+        return []
+    if isinstance(value, str):
+        if value.lstrip().startswith("["):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as err:
+                raise ADPODataError(row_id, field, f"looks like a JSON list but does not parse: {err.msg}") from None
+        else:
+            value = [value] if value else []
+    if isinstance(value, dict) or not isinstance(value, (list, tuple)):
+        raise ADPODataError(row_id, field, f"must be a list of images, got {type(value).__name__}")
+    return list(value)
