@@ -43,7 +43,8 @@ def text_jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("text_rows")
     path = folder / "train.jsonl"
     rows = [
-        {"response": "This is a red apple.", "chosen": "Describe the red fruit.", "rejected": "Describe the green fruit."},
+        {"response": "This is a red apple.", "chosen": "Describe the red fruit.",
+         "rejected": "Describe the green fruit."},
         {"response": "The shape is a blue square.", "chosen": "What blue shape is it?", "rejected": "What is it?"},
         {"response": "Three.", "chosen": "Question: how many shapes are there?", "rejected": "Say a number."},
         {"response": "A green triangle.", "chosen": "Which green shape?", "rejected": "Which red shape?"},

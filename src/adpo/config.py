@@ -6,12 +6,19 @@ Every field has ``help`` text (shown by ``--help``) and checks that fail fast, s
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from transformers import TrainingArguments
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+logger = logging.getLogger(__name__)
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
 @dataclass
@@ -143,6 +150,12 @@ class ADPOConfig(TrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
 
     def __post_init__(self) -> None:
+        if not _has_accelerator():
+            self.dataloader_pin_memory = False  # nothing to pin for
+            if (self.bf16 or self.fp16) and not self.use_cpu:
+                # The seed's commands pass --bf16; without a GPU they still run, as CPU autocast.
+                logger.warning("no GPU found: --bf16/--fp16 run as mixed precision on the CPU (use_cpu=True)")
+                self.use_cpu = True
         super().__post_init__()
         if self.beta <= 0:
             raise ValueError(f"--beta must be positive, got {self.beta}.")

@@ -1,0 +1,179 @@
+"""The seed's command lines, run as written (plus a tiny local model and dataset), and the CLI's contract."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+from safetensors.torch import load_file
+
+from adpo.cli import main, parse_args
+from adpo.synthetic import counterfactual_rows, write_jsonl
+
+SCRIPT = str(REPO / "train_adpo_multimodal.py")
+
+
+def _run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
+    assert before.keys() == after.keys()
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+@pytest.fixture(scope="module")
+def four_rows(tmp_path_factory):
+    return write_jsonl(counterfactual_rows(4, seed=3), tmp_path_factory.mktemp("four"))
+
+
+@pytest.mark.slow
+def test_seed_basic_training_command(tiny_idefics3, four_rows, tmp_path):
+    out = tmp_path / "adpo-multimodal-model"
+    proc = _run([
+        "--model_name_or_path", str(tiny_idefics3), "--dataset_name", str(four_rows), "--output_dir", str(out),
+        "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "8", "--learning_rate", "5e-7",
+        "--num_train_epochs", "3", "--multimodal_mode", "--separate_images", "--bf16", "--gradient_checkpointing",
+    ])
+    assert "saved model and processor" in proc.stdout
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    AutoModelForImageTextToText.from_pretrained(out)
+    AutoProcessor.from_pretrained(out)
+    changed = _changed(load_file(tiny_idefics3 / "model.safetensors"), load_file(out / "model.safetensors"))
+    assert any("vision_model" in k for k in changed) and any("text_model" in k for k in changed)
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+
+
+@pytest.mark.slow
+def test_seed_debug_mode_command(tiny_idefics3, image_jsonl, tmp_path):
+    out = tmp_path / "debug"
+    _run(["--model_name_or_path", str(tiny_idefics3), "--dataset_name", str(image_jsonl), "--output_dir", str(out),
+          "--max_train_samples", "10", "--max_steps", "5", "--logging_steps", "1", "--save_steps", "1000000",
+          "--learning_rate", "1e-3"])
+    state = json.loads((out / "trainer_state.json").read_text())
+    logged = [h for h in state["log_history"] if "loss" in h]
+    assert [h["step"] for h in logged] == [1, 2, 3, 4, 5]
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+                "logps/rejected", "logps/accuracies"):
+        assert all(key in h for h in logged), key
+    # Step 0: policy == reference, so the reward margin is exactly zero and the loss is log 2.
+    assert logged[0]["rewards/margins"] == 0 and abs(logged[0]["loss"] - 0.6931) < 1e-4
+    assert not (out / "checkpoint-1").exists()  # --save_steps 1000000 saves only at the end
+
+
+def test_training_changes_the_policy_and_not_the_reference(tiny_idefics3, image_jsonl, tmp_path):
+    from adpo.pipeline import build_trainer
+
+    model_args, data_args, training_args = parse_args([
+        "--model_name_or_path", str(tiny_idefics3), "--dataset_name", str(image_jsonl), "--output_dir",
+        str(tmp_path), "--max_steps", "2", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
+        "--report_to", "none", "--save_strategy", "no",
+    ])
+    trainer, _ = build_trainer(model_args, data_args, training_args)
+    ref_before = {k: v.clone() for k, v in trainer.ref_model.state_dict().items()}
+    policy_before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train()
+    assert not _changed(ref_before, trainer.ref_model.state_dict())
+    assert len(_changed(policy_before, trainer.model.state_dict())) > 10
+    assert not any(p.requires_grad for p in trainer.ref_model.parameters())
+
+
+def test_peft_reference_is_the_policy_with_adapters_off(tiny_idefics3, image_jsonl, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from adpo.pipeline import build_trainer
+
+    out = tmp_path / "lora"
+    argv = ["--model_name_or_path", str(tiny_idefics3), "--dataset_name", str(image_jsonl), "--output_dir", str(out),
+            "--use_peft", "--lora_r", "4", "--lora_alpha", "8", "--max_steps", "2", "--learning_rate", "1e-2",
+            "--report_to", "none", "--save_strategy", "no"]
+    trainer, _ = build_trainer(*parse_args(argv))
+    assert trainer.ref_model is None and isinstance(trainer.model, PeftModel)  # no second copy in memory
+    assert main(argv) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 4 and any("text_model" in m for m in config["target_modules"])
+    assert not any("vision_model" in m for m in config["target_modules"])  # default: the language model only
+    PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tiny_idefics3), out)
+
+
+def test_text_only_training_and_eval_split(tiny_llama, text_jsonl, tmp_path):
+    out = tmp_path / "text"
+    assert main([
+        "--model_name_or_path", str(tiny_llama), "--dataset_name", str(text_jsonl), "--output_dir", str(out),
+        "--eval_dataset_name", str(text_jsonl), "--eval_strategy", "steps", "--eval_steps", "2",
+        "--max_steps", "4", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
+        "--logging_steps", "1", "--report_to", "none", "--save_strategy", "no",
+    ]) == 0
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    evals = [h for h in history if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [2, 4]
+    assert all("eval_rewards/accuracies" in h and "eval_logps/accuracies" in h for h in evals)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(out)
+    assert AutoTokenizer.from_pretrained(out).chat_template
+
+
+def test_config_file_and_command_line_precedence(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("model_name_or_path: some/model\nbeta: 0.3\nlearning_rate: 1.0e-4\nseparate_images: false\n"
+                      "output_dir: from-yaml\n")
+    model_args, data_args, training_args = parse_args(["--config", str(config), "--beta", "0.5"])
+    assert model_args.model_name_or_path == "some/model"
+    assert training_args.beta == 0.5 and training_args.learning_rate == 1e-4
+    assert data_args.separate_images is False and training_args.output_dir == "from-yaml"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("betta: 0.3\n")
+    with pytest.raises(SystemExit, match="unknown keys \\['betta'\\]"):
+        parse_args(["--config", str(bad)])
+
+
+def test_boolean_flags_as_the_seed_writes_them():
+    _, data, _ = parse_args(["--multimodal_mode", "--separate_images"])
+    assert data.multimodal_mode is True and data.separate_images is True
+    _, data, _ = parse_args([])
+    assert data.multimodal_mode is None and data.separate_images is True  # auto, and the seed's default
+    _, data, _ = parse_args(["--multimodal_mode", "false", "--separate_images", "false"])
+    assert data.multimodal_mode is False and data.separate_images is False
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--image_processor_kwargs", "{size: 3}"], "not valid JSON"),
+    (["--beta", "0"], "--beta must be positive"),
+    (["--max_image_size", "0"], "--max_image_size must be a positive"),
+])
+def test_bad_flags_fail_fast(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse_args(argv)
+
+
+@pytest.mark.slow
+def test_help_explains_every_seed_flag():
+    proc = _run(["--help"], timeout=120)
+    for flag in ("--model_name_or_path", "--dataset_name", "--output_dir", "--per_device_train_batch_size",
+                 "--gradient_accumulation_steps", "--learning_rate", "--num_train_epochs", "--multimodal_mode",
+                 "--separate_images", "--bf16", "--gradient_checkpointing", "--max_image_size",
+                 "--image_processor_kwargs", "--max_train_samples", "--max_steps", "--logging_steps", "--save_steps",
+                 "--use_peft", "--lora_r", "--lora_alpha", "--lora_target_modules", "--config", "--beta"):
+        assert flag in proc.stdout, flag
+
+
+def test_bad_input_is_one_clear_line(tiny_llama, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"response": "", "chosen": "a", "rejected": "b"}) + "\n")
+    proc = subprocess.run([sys.executable, SCRIPT, "--model_name_or_path", str(tiny_llama), "--dataset_name",
+                           str(rows), "--output_dir", str(tmp_path / "o"), "--max_steps", "1", "--report_to", "none"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2
+    assert "adpo: error: row 0, field 'response': is empty" in proc.stderr
+    assert "Traceback" not in proc.stderr
