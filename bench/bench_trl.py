@@ -1,0 +1,236 @@
+"""Benchmark: adpo's ADPOTrainer vs TRL's DPOTrainer on equal work, and step memory vs vocabulary size.
+
+Equal work: the same model, the same number of sequences per step and the same sequence lengths. TRL scores two
+responses (R tokens each) under one prompt (P tokens); adpo scores one response (R tokens) under two prompts
+(P tokens each): both run 2·B sequences of P + R tokens per step. The measured token counts are printed.
+
+Each configuration runs in its own subprocess (clean peak memory), in alternating order, and the ratios are
+computed from numbers measured in this one run. Memory on CPU is the peak resident set size (RSS), sampled every
+millisecond; "step memory" is the peak during training minus the RSS just before training (weights, reference
+and data already resident), which is what the training step itself needs.
+
+    python bench/bench_trl.py                      # both models, live + precomputed reference (CPU)
+    python bench/bench_trl.py --models tiny --steps 3
+    python bench/bench_trl.py --vocab              # step memory: 2k-token prompt, 131k vs 8k vocabulary
+
+Needs `pip install trl` (not a dependency of adpo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+MODELS = {
+    # hidden, layers, heads, vocabulary
+    "big": dict(hidden_size=512, num_layers=4, vocab_size=32000),
+    "tiny": dict(hidden_size=64, num_layers=2, vocab_size=400),
+}
+WORDS = ("what fruit is shown in this image the shape red green blue yellow circle square triangle star left "
+         "right top bottom small large apple one two three four five describe picture question answer").split()
+
+
+class PeakRSS:
+    """Samples this process's resident set size every millisecond in a background thread."""
+
+    def __init__(self) -> None:
+        self.peak = self.now()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def now() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.now())
+            time.sleep(0.001)
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = self.now()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def words(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def build_rows(n: int, prompt_words: int, response_words: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(TRL rows, adpo rows) with matching text lengths: TRL's prompt/responses are adpo's prompts/response."""
+    rng = random.Random(seed)
+    trl_rows, adpo_rows = [], []
+    for _ in range(n):
+        p1, p2 = words(rng, prompt_words), words(rng, prompt_words)
+        r1, r2 = words(rng, response_words), words(rng, response_words)
+        trl_rows.append({"prompt": p1, "chosen": " " + r1, "rejected": " " + r2})
+        adpo_rows.append({"response": " " + r1, "chosen": p1, "rejected": p2})
+    return trl_rows, adpo_rows
+
+
+def worker(args: argparse.Namespace) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    n_rows = args.batch_size * (args.steps + args.warmup)
+    trl_rows, adpo_rows = build_rows(n_rows, args.prompt_words, args.response_words)
+    ref = AutoModelForCausalLM.from_pretrained(args.model_dir)  # precomputed modes use it once, then drop it
+    common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size,
+                  max_steps=args.steps + args.warmup, learning_rate=1e-6, logging_steps=10**6, report_to="none",
+                  save_strategy="no", use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True)
+
+    step_times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a, **k):  # noqa: ANN002, ANN003
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):  # noqa: ANN002, ANN003
+            step_times.append(time.perf_counter() - self.t)
+
+    if args.trainer == "trl":
+        from datasets import Dataset
+        from trl import DPOConfig, DPOTrainer
+
+        config = DPOConfig(**common, beta=0.1, max_length=None, precompute_ref_log_probs=args.ref == "precomputed")
+        trainer = DPOTrainer(model=model, ref_model=ref, args=config, train_dataset=Dataset.from_list(trl_rows),
+                             processing_class=tokenizer, callbacks=[Clock()])
+        ds = trainer.train_dataset
+        lengths = sum(len(p) + len(c) + len(p) + len(r) for p, c, r in
+                      zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"], strict=True)) / (2 * len(ds))
+    else:
+        from adpo import ADPOCollator, ADPOConfig, ADPOTrainer
+
+        extra = {"precompute_ref_log_probs": True} if args.ref == "precomputed" else {}
+        config = ADPOConfig(**common, beta=0.1, **extra)
+        collator = ADPOCollator(tokenizer, multimodal=False)
+        trainer = ADPOTrainer(model=model, ref_model=ref, args=config, train_dataset=adpo_rows,
+                              data_collator=collator, processing_class=tokenizer, callbacks=[Clock()])
+        lengths = collator(adpo_rows)["attention_mask"].sum().item() / (2 * len(adpo_rows))
+    t_setup = time.perf_counter()
+    before = PeakRSS.now()
+    with PeakRSS() as rss:
+        trainer.train()
+    timed = step_times[args.warmup:]
+    return {
+        "trainer": args.trainer, "ref": args.ref, "model": args.model,
+        "pairs_per_s": args.batch_size * len(timed) / sum(timed),
+        "step_s": sum(timed) / len(timed),
+        "train_wall_s": time.perf_counter() - t_setup,
+        "tokens_per_sequence": round(lengths, 1),
+        "peak_rss_gb": rss.peak / 2**30,
+        "step_mem_gb": (rss.peak - before) / 2**30,
+    }
+
+
+def run_worker(cli: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", *cli], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-4000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def build_model(kind: str, folder: Path, vocab: int | None = None) -> Path:
+    from adpo.tiny import build_tiny_llama
+
+    spec = dict(MODELS[kind])
+    if vocab:
+        spec["vocab_size"] = vocab
+    return build_tiny_llama(folder / f"{kind}-{spec['vocab_size']}", chat_template=False, **spec)
+
+
+def compare(args: argparse.Namespace) -> None:
+    tmp = Path(tempfile.mkdtemp())
+    rows = []
+    for kind in args.models:
+        model_dir = build_model(kind, tmp)
+        for ref in args.refs:
+            results = {}
+            for repeat in range(args.repeats):
+                order = ("trl", "adpo") if repeat % 2 == 0 else ("adpo", "trl")
+                for trainer in order:
+                    cli = ["--trainer", trainer, "--ref", ref, "--model", kind, "--model_dir", str(model_dir),
+                           "--steps", str(args.steps), "--warmup", str(args.warmup),
+                           "--batch_size", str(args.batch_size), "--prompt_words", str(args.prompt_words),
+                           "--response_words", str(args.response_words), "--threads", str(args.threads)]
+                    r = run_worker(cli)
+                    best = results.get(trainer)
+                    if best is None or r["pairs_per_s"] > best["pairs_per_s"]:
+                        results[trainer] = r
+            t, a = results["trl"], results["adpo"]
+            rows.append((kind, ref, t, a))
+            print(f"[{kind}/{ref}] tokens/seq trl {t['tokens_per_sequence']} adpo {a['tokens_per_sequence']}",
+                  flush=True)
+    print("\n| model | reference | TRL pairs/s | adpo pairs/s | speed ratio | TRL step mem GB | adpo step mem GB "
+          "| mem ratio | TRL peak RSS GB | adpo peak RSS GB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for kind, ref, t, a in rows:
+        print(f"| {kind} | {ref} | {t['pairs_per_s']:.3f} | {a['pairs_per_s']:.3f} | "
+              f"{a['pairs_per_s'] / t['pairs_per_s']:.2f}x | {t['step_mem_gb']:.3f} | {a['step_mem_gb']:.3f} | "
+              f"{a['step_mem_gb'] / max(t['step_mem_gb'], 1e-9):.2f}x | {t['peak_rss_gb']:.2f} | "
+              f"{a['peak_rss_gb']:.2f} |")
+
+
+def vocab_memory(args: argparse.Namespace) -> None:
+    tmp = Path(tempfile.mkdtemp())
+    results = {}
+    for vocab in (8192, 131072):
+        model_dir = build_model("big", tmp, vocab=vocab)
+        cli = ["--trainer", "adpo", "--ref", "live", "--model", "big", "--model_dir", str(model_dir), "--steps", "2",
+               "--warmup", "1", "--batch_size", "1", "--prompt_words", str(args.long_prompt_words),
+               "--response_words", str(args.response_words), "--threads", str(args.threads)]
+        results[vocab] = run_worker(cli)
+        print(f"vocab {vocab}: tokens/seq {results[vocab]['tokens_per_sequence']}, step memory "
+              f"{results[vocab]['step_mem_gb']:.3f} GB, peak RSS {results[vocab]['peak_rss_gb']:.2f} GB", flush=True)
+    ratio = results[131072]["step_mem_gb"] / results[8192]["step_mem_gb"]
+    print(f"\nstep memory 131k / 8k vocabulary: {ratio:.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--trainer", choices=["trl", "adpo"])
+    parser.add_argument("--ref", choices=["live", "precomputed"], default="live")
+    parser.add_argument("--model", default="big")
+    parser.add_argument("--model_dir")
+    parser.add_argument("--models", nargs="+", default=["big", "tiny"], choices=list(MODELS))
+    parser.add_argument("--refs", nargs="+", default=["live", "precomputed"], choices=["live", "precomputed"])
+    parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2, help="runs per configuration, alternating order; best kept")
+    parser.add_argument("--batch_size", type=int, default=2, help="pairs per step (2x sequences)")
+    parser.add_argument("--prompt_words", type=int, default=160)
+    parser.add_argument("--response_words", type=int, default=24)
+    parser.add_argument("--long_prompt_words", type=int, default=1400, help="for --vocab: about 2k prompt tokens")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--vocab", action="store_true", help="step memory vs vocabulary size")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.worker:
+        print(json.dumps(worker(args)))
+    elif args.vocab:
+        vocab_memory(args)
+    else:
+        compare(args)
+
+
+if __name__ == "__main__":
+    main()
