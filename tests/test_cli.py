@@ -177,3 +177,18 @@ def test_bad_input_is_one_clear_line(tiny_llama, tmp_path):
     assert proc.returncode == 2
     assert "adpo: error: row 0, field 'response': is empty" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_length_grouped_batching_and_pad_to_multiple_of(tiny_llama, text_jsonl, tmp_path):
+    from adpo.pipeline import build_trainer
+
+    trainer, _ = build_trainer(*parse_args([
+        "--model_name_or_path", str(tiny_llama), "--dataset_name", str(text_jsonl), "--output_dir", str(tmp_path),
+        "--train_sampling_strategy", "group_by_length", "--pad_to_multiple_of", "16", "--max_steps", "2",
+        "--per_device_train_batch_size", "2", "--report_to", "none", "--save_strategy", "no",
+    ]))
+    lengths = trainer.train_dataset["length"]
+    assert len(lengths) == 8 and min(lengths) > 0
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[1] % 16 == 0
+    trainer.train()

@@ -97,6 +97,10 @@ class DataArguments:
         metadata={"help": "JSON object of image-processor arguments, e.g. "
                   "'{\"size\": {\"height\": 336, \"width\": 336}, \"do_rescale\": true}'."},
     )
+    pad_to_multiple_of: int | None = field(
+        default=None,
+        metadata={"help": "Pad each batch to a multiple of this many tokens (default: to its longest row only)."},
+    )
 
     def __post_init__(self) -> None:
         if self.max_image_size is not None and self.max_image_size < 1:

@@ -30,6 +30,28 @@ def resolve_multimodal(flag: bool | None, processor: Any, dataset: Dataset) -> b
     return flag
 
 
+def add_length_column(dataset: Dataset, collator: ADPOCollator, column: str) -> Dataset:
+    """Estimate each row's token count (both sides) for length-grouped batching.
+
+    Text is tokenised; each image counts as the processor's image sequence length where it declares one.
+    """
+    tokens_per_image = getattr(collator.processor, "image_seq_len", 0) if collator.multimodal else 0
+    tokenizer = collator.tokenizer
+
+    def lengths(batch: dict[str, list]) -> dict[str, list[int]]:
+        out = [0] * len(batch["response"])
+        for field in ("chosen", "rejected", "response"):
+            texts = [t if isinstance(t, str) else "" for t in batch[field]]
+            for i, ids in enumerate(tokenizer(texts, add_special_tokens=False)["input_ids"]):
+                out[i] += len(ids) * (2 if field == "response" else 1)
+        for field in ("chosen_images", "rejected_images"):
+            for i, images in enumerate(batch.get(field) or []):
+                out[i] += tokens_per_image * len(images or [])
+        return {column: out}
+
+    return dataset.map(lengths, batched=True, desc="measuring row lengths")
+
+
 def build_trainer(
     model_args: ModelArguments, data_args: DataArguments, training_args: ADPOConfig
 ) -> tuple[ADPOTrainer, Any]:
@@ -56,7 +78,12 @@ def build_trainer(
         separate_images=data_args.separate_images,
         max_image_size=data_args.max_image_size,
         image_processor_kwargs=data_args.image_processor_kwargs_dict(),
+        pad_to_multiple_of=data_args.pad_to_multiple_of,
     )
+    if training_args.train_sampling_strategy in ("group_by_length", "batch_rebalance"):
+        column = training_args.length_column_name
+        if column not in train.column_names:
+            train = add_length_column(train, collator, column)
     ref_model = None if training_args.reference_free else load_reference(model_args, model)
     if model_args.use_peft:
         if training_args.gradient_checkpointing:
