@@ -34,6 +34,7 @@ MODELS = {
     "big": dict(hidden_size=512, num_layers=4, vocab_size=32000),
     "tiny": dict(hidden_size=64, num_layers=2, vocab_size=400),
 }
+OVERRIDES: dict[str, int | None] = {}
 WORDS = ("what fruit is shown in this image the shape red green blue yellow circle square triangle star left "
          "right top bottom small large apple one two three four five describe picture question answer").split()
 
@@ -88,6 +89,7 @@ def worker(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    cuda = args.device == "cuda"
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     n_rows = args.batch_size * (args.steps + args.warmup)
@@ -95,15 +97,20 @@ def worker(args: argparse.Namespace) -> dict:
     ref = AutoModelForCausalLM.from_pretrained(args.model_dir)  # precomputed modes use it once, then drop it
     common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size,
                   max_steps=args.steps + args.warmup, learning_rate=1e-6, logging_steps=10**6, report_to="none",
-                  save_strategy="no", use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True)
+                  save_strategy="no", use_cpu=not cuda, bf16=cuda, dataloader_num_workers=0, seed=0,
+                  disable_tqdm=True)
 
     step_times: list[float] = []
 
     class Clock(TrainerCallback):
         def on_step_begin(self, *a, **k):  # noqa: ANN002, ANN003
+            if cuda:
+                torch.cuda.synchronize()
             self.t = time.perf_counter()
 
         def on_step_end(self, *a, **k):  # noqa: ANN002, ANN003
+            if cuda:
+                torch.cuda.synchronize()
             step_times.append(time.perf_counter() - self.t)
 
     if args.trainer == "trl":
@@ -127,10 +134,17 @@ def worker(args: argparse.Namespace) -> dict:
         lengths = collator(adpo_rows)["attention_mask"].sum().item() / (2 * len(adpo_rows))
     t_setup = time.perf_counter()
     before = PeakRSS.now()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        gpu_before = torch.cuda.memory_allocated()
     with PeakRSS() as rss:
         trainer.train()
     timed = step_times[args.warmup:]
-    return {
+    gpu = {}
+    if cuda:
+        peak = torch.cuda.max_memory_allocated()
+        gpu = {"gpu_peak_gb": peak / 2**30, "gpu_step_mem_gb": (peak - gpu_before) / 2**30}
+    return {**gpu,
         "trainer": args.trainer, "ref": args.ref, "model": args.model,
         "pairs_per_s": args.batch_size * len(timed) / sum(timed),
         "step_s": sum(timed) / len(timed),
@@ -152,6 +166,8 @@ def build_model(kind: str, folder: Path, vocab: int | None = None) -> Path:
     from adpo.tiny import build_tiny_llama
 
     spec = dict(MODELS[kind])
+    if kind == "big":
+        spec.update({k: v for k, v in OVERRIDES.items() if v})
     if vocab:
         spec["vocab_size"] = vocab
     return build_tiny_llama(folder / f"{kind}-{spec['vocab_size']}", chat_template=False, **spec)
@@ -170,7 +186,8 @@ def compare(args: argparse.Namespace) -> None:
                     cli = ["--trainer", trainer, "--ref", ref, "--model", kind, "--model_dir", str(model_dir),
                            "--steps", str(args.steps), "--warmup", str(args.warmup),
                            "--batch_size", str(args.batch_size), "--prompt_words", str(args.prompt_words),
-                           "--response_words", str(args.response_words), "--threads", str(args.threads)]
+                           "--response_words", str(args.response_words), "--threads", str(args.threads),
+                           "--device", args.device]
                     r = run_worker(cli)
                     best = results.get(trainer)
                     if best is None or r["pairs_per_s"] > best["pairs_per_s"]:
@@ -182,11 +199,13 @@ def compare(args: argparse.Namespace) -> None:
     print("\n| model | reference | TRL pairs/s | adpo pairs/s | speed ratio | TRL step mem GB | adpo step mem GB "
           "| mem ratio | TRL peak RSS GB | adpo peak RSS GB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    mem = "gpu_step_mem_gb" if args.device == "cuda" else "step_mem_gb"
+    peak = "gpu_peak_gb" if args.device == "cuda" else "peak_rss_gb"
     for kind, ref, t, a in rows:
         print(f"| {kind} | {ref} | {t['pairs_per_s']:.3f} | {a['pairs_per_s']:.3f} | "
-              f"{a['pairs_per_s'] / t['pairs_per_s']:.2f}x | {t['step_mem_gb']:.3f} | {a['step_mem_gb']:.3f} | "
-              f"{a['step_mem_gb'] / max(t['step_mem_gb'], 1e-9):.2f}x | {t['peak_rss_gb']:.2f} | "
-              f"{a['peak_rss_gb']:.2f} |")
+              f"{a['pairs_per_s'] / t['pairs_per_s']:.2f}x | {t[mem]:.3f} | {a[mem]:.3f} | "
+              f"{a[mem] / max(t[mem], 1e-9):.2f}x | {t[peak]:.2f} | {a[peak]:.2f} |")
+    print(f"(device {args.device}; memory columns: {mem}, {peak})")
 
 
 def vocab_memory(args: argparse.Namespace) -> None:
@@ -222,8 +241,12 @@ def main() -> None:
     parser.add_argument("--long_prompt_words", type=int, default=1400, help="for --vocab: about 2k prompt tokens")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--vocab", action="store_true", help="step memory vs vocabulary size")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--hidden_size", type=int, help="override the 'big' model's hidden size")
+    parser.add_argument("--num_layers", type=int, help="override the 'big' model's layer count")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    OVERRIDES.update(hidden_size=args.hidden_size, num_layers=args.num_layers)
     if args.worker:
         print(json.dumps(worker(args)))
     elif args.vocab:
