@@ -9,7 +9,7 @@ from datasets import Dataset
 
 from .collator import ADPOCollator
 from .config import ADPOConfig, DataArguments, ModelArguments
-from .data import has_images, load_adpo_dataset
+from .data import check_multitask_columns, has_images, load_adpo_dataset
 from .modeling import apply_lora, load_model_and_processor, load_reference
 from .trainer import ADPOTrainer
 
@@ -56,7 +56,12 @@ def build_trainer(
         separate_images=data_args.separate_images,
         max_image_size=data_args.max_image_size,
         image_processor_kwargs=data_args.image_processor_kwargs_dict(),
+        multitask=training_args.multitask_weight is not None,
     )
+    if training_args.multitask_weight is not None:
+        for dataset in (train, eval_dataset):
+            if dataset is not None:
+                check_multitask_columns(dataset, data_args.dataset_name)
     ref_model = None if training_args.reference_free else load_reference(model_args, model)
     if model_args.use_peft:
         if training_args.gradient_checkpointing:
