@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from adpo.collator import RESPONSE_MASK, ROW_IDS, ADPOCollator
-from adpo.config import ADPOConfig, ModelArguments
+from adpo.config import ADPOConfig, DataArguments, ModelArguments
 from adpo.data import ROW_ID, ADPODataError, check_multitask_columns
 from adpo.logprobs import ResponseLogps
 from adpo.losses import adpo_loss, multitask_loss
 from adpo.modeling import load_model_and_processor, load_reference
+from adpo.pipeline import build_trainer
 from adpo.synthetic import counterfactual_rows
 from adpo.trainer import ADPOTrainer
 
@@ -284,3 +285,21 @@ def test_multitask_missing_fields_name_row_and_field(tiny_llama) -> None:
         ADPOCollator(tokenizer, multimodal=False, multitask=True)(rows)
     with pytest.raises(ADPODataError, match="chosen_response"):
         check_multitask_columns(Dataset.from_list([{"prompt": "p", "rejected_response": "r"}]), "rows.jsonl")
+
+
+def test_pipeline_wires_multitask(tiny_llama, text_jsonl, tmp_path) -> None:
+    """--multitask_weight makes the CLI's collator emit 4B sequences, and rows without the DPO pair fail up front."""
+    import json
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({k: v for k, v in row.items() if k != ROW_ID}) + "\n" for row in text_rows()))
+    args = ADPOConfig(output_dir=str(tmp_path / "out"), multitask_weight=0.5, report_to=[], use_cpu=True)
+    model_args = ModelArguments(model_name_or_path=str(tiny_llama))
+    trainer, _ = build_trainer(model_args, DataArguments(dataset_name=str(path)), args)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    assert batch["input_ids"].shape[0] == 8
+    loss, metrics = trainer.loss_and_metrics(trainer.model, batch)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)  # policy == reference: both terms are log 2
+    assert {"dpo/rewards/accuracies", "adpo/logps/accuracies", "dpo/loss"} <= set(metrics)
+    with pytest.raises(ADPODataError, match="'prompt'"):
+        build_trainer(model_args, DataArguments(dataset_name=str(text_jsonl)), args)

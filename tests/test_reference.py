@@ -116,6 +116,7 @@ def test_precomputed_reference_equals_live_and_is_reused(setup, tmp_path) -> Non
     logged = [[e["loss"] for e in t.state.log_history if "loss" in e] for t in (live, cached)]
     assert len(logged[0]) == 3 and max(abs(a - b) for a, b in zip(*logged, strict=True)) <= 1e-6
     assert abs(cached.evaluate()["eval_loss"] - live_eval) <= 1e-6
+    assert abs(cached.predict(evals).metrics["test_loss"] - live.predict(evals).metrics["test_loss"]) <= 1e-6
     assert live.recorded[0] == pytest.approx(0.6931472, abs=1e-6)  # policy == reference at step 0: log 2
 
     again, again_calls, _ = make_trainer(model_dir, train, tmp_path, multimodal=multimodal,
@@ -271,3 +272,37 @@ def test_evaluating_an_uncached_dataset_after_freeing_is_a_clear_error(tiny_llam
     trainer, _, _ = make_trainer(tiny_llama, train, tmp_path, multimodal=False, precompute_ref_log_probs=True)
     with pytest.raises(ValueError, match="pass every evaluation dataset"):
         trainer.evaluate(eval_dataset=train.select(range(2)))
+
+
+@pytest.mark.slow
+def test_two_process_precompute_matches_single_process(tiny_llama, text_jsonl, tmp_path) -> None:
+    """Two DDP processes (gloo on CPU) each compute a shard; the gathered table written by the run equals a
+    single process's table bit for bit, and a single-process run with the same model and data reuses it."""
+    import os
+    import subprocess
+    import sys
+
+    from adpo.cli import parse_args
+
+    base = ["--model_name_or_path", str(tiny_llama), "--dataset_name", str(text_jsonl), "--use_cpu",
+            "--report_to", "none", "--precompute_ref_log_probs", "--per_device_eval_batch_size", "3"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "adpo.cli"]
+    proc = subprocess.run([*launch, *base, "--output_dir", str(tmp_path / "ddp"), "--ref_cache_dir",
+                           str(tmp_path / "ddp_cache"), "--max_steps", "1", "--save_strategy", "no"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (written,) = (tmp_path / "ddp_cache").glob("*.pt")
+
+    reused, _ = build_trainer(*parse_args([*base, "--output_dir", str(tmp_path / "a"), "--ref_cache_dir",
+                                           str(tmp_path / "ddp_cache")]))
+    assert reused.ref_cache_hits == 1
+    single, _ = build_trainer(*parse_args([*base, "--output_dir", str(tmp_path / "b"), "--ref_cache_dir",
+                                           str(tmp_path / "single_cache")]))
+    assert single.ref_cache_hits == 0
+    (computed,) = (tmp_path / "single_cache").glob("*.pt")
+    assert computed.name == written.name
+    a, b = RefLogpsTable.load(written), RefLogpsTable.load(computed)
+    assert a.row_ids.tolist() == b.row_ids.tolist() == list(range(8))
+    assert torch.equal(a.sums, b.sums) and torch.equal(a.counts, b.counts)

@@ -59,9 +59,9 @@ def build_trainer(
         multitask=training_args.multitask_weight is not None,
     )
     if training_args.multitask_weight is not None:
-        for dataset in (train, eval_dataset):
-            if dataset is not None:
-                check_multitask_columns(dataset, data_args.dataset_name)
+        check_multitask_columns(train, data_args.dataset_name)
+        if eval_dataset is not None:
+            check_multitask_columns(eval_dataset, data_args.eval_dataset_name or data_args.dataset_name)
     ref_model = None if training_args.reference_free else load_reference(model_args, model)
     if model_args.use_peft:
         if training_args.gradient_checkpointing:

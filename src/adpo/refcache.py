@@ -60,18 +60,23 @@ def _digest(data: bytes | memoryview) -> bytes:
 
 
 def _tensor_digest(tensor: torch.Tensor) -> bytes:
+    if hasattr(tensor, "ds_id"):  # a ZeRO-3 partition: hash the whole tensor (a collective: every rank calls it)
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+            return _tensor_digest(tensor.data)
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     return _digest(memoryview(flat.view(torch.uint8).numpy()))
 
 
 def reference_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The weights the reference computes with, under names that do not depend on PEFT wrapping.
+    """The parameters and buffers the reference computes with, under names that do not depend on PEFT wrapping.
 
     For a PEFT model the reference is the base model (adapters disabled), so adapter tensors are left out and
     ``base_model.model.`` / ``.base_layer`` are stripped: the key then equals that of the plain initial model.
     """
     out = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if "lora_" in name:
             continue
         name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
@@ -82,13 +87,18 @@ def reference_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 def model_fingerprint(model: nn.Module) -> str:
     """A hash of the reference's weights (bytes, dtypes, shapes), class and config. Reads every weight once."""
     weights = reference_weights(model)
-    # hashlib releases the GIL on large buffers, so threads hash tensors in parallel.
+    sharded = {name for name, tensor in weights.items() if hasattr(tensor, "ds_id")}
+    # ZeRO-3 partitions are gathered one at a time, in the same order on every rank; hashlib releases the GIL on
+    # large buffers, so the other tensors are hashed by threads in parallel.
+    digests = {name: _tensor_digest(weights[name]) for name in weights if name in sharded}
+    local = [name for name in weights if name not in sharded]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        digests = list(pool.map(_tensor_digest, weights.values()))
+        digests.update(zip(local, pool.map(_tensor_digest, [weights[n] for n in local]), strict=True))
     h = hashlib.sha256()
-    for (name, tensor), digest in zip(weights.items(), digests, strict=True):
-        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        h.update(digest)
+    for name, tensor in weights.items():
+        shape = tuple(getattr(tensor, "ds_shape", tensor.shape))
+        h.update(f"{name}|{tensor.dtype}|{shape}|".encode())
+        h.update(digests[name])
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
     if config is not None:

@@ -259,6 +259,13 @@ class ADPOTrainer(Trainer):
             self._active_tables["eval"] = self._table_for(dataset)
         return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
 
+    def predict(self, test_dataset: Any, ignore_keys: list[str] | None = None,
+                metric_key_prefix: str = "test") -> Any:
+        """``Trainer.predict``; with precomputed reference log-probs, first selects ``test_dataset``'s table."""
+        if self.args.precompute_ref_log_probs:
+            self._active_tables["eval"] = self._table_for(test_dataset)
+        return super().predict(test_dataset, ignore_keys, metric_key_prefix)
+
     # ------------------------------------------------------------------ metrics
     def _store(self, metrics: dict[str, torch.Tensor], mode: str) -> None:
         for key, value in metrics.items():
