@@ -78,11 +78,11 @@ MULTITASK_ROWS = [
 ] * 4
 
 
-@pytest.fixture(params=["text", "image", "multitask"])
+@pytest.fixture(params=["text", "image", "multitask", "bf16"])
 def setup(request, tiny_llama, tiny_idefics3, text_jsonl, image_jsonl, tmp_path):
     """(model folder, rows, multimodal, extra config) for each kind of run."""
-    if request.param == "text":
-        return tiny_llama, load_adpo_dataset(str(text_jsonl)), False, {}
+    if request.param in ("text", "bf16"):  # bf16: autocast, as under --bf16 on a GPU
+        return tiny_llama, load_adpo_dataset(str(text_jsonl)), False, {"bf16": request.param == "bf16"}
     if request.param == "image":
         return tiny_idefics3, load_adpo_dataset(str(image_jsonl), max_samples=8), True, {}
     path = tmp_path / "multitask.jsonl"
@@ -110,7 +110,7 @@ def test_precomputed_reference_equals_live_and_is_reused(setup, tmp_path) -> Non
     gc.collect()
     assert ref_alive() is None, "the reference model is still referenced after precomputing"
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2  # train and eval tables
-    assert cached._active_tables["train"].sums.shape == (len(train), 4 if extra else 2)
+    assert cached._active_tables["train"].sums.shape == (len(train), 4 if "multitask_weight" in extra else 2)
     cached.train()
     assert max(abs(a - b) for a, b in zip(live.recorded, cached.recorded, strict=True)) <= 1e-6
     logged = [[e["loss"] for e in t.state.log_history if "loss" in e] for t in (live, cached)]
