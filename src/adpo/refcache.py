@@ -251,12 +251,14 @@ def compute_table(
     accelerator: Any,
     batch_size: int,
     num_workers: int = 0,
+    show_progress: bool = True,
 ) -> RefLogpsTable:
     """One pass over ``dataset`` (this rank's shard), gathered to every rank.
 
     Args:
         batch_logps: collated batch → (row ids (B,), reference log-probs (S·B,) side-major).
         accelerator: an ``accelerate.Accelerator`` (process index/count, gather, device).
+        show_progress: a progress bar on each node's local main process.
     """
     from tqdm.auto import tqdm
 
@@ -264,7 +266,8 @@ def compute_table(
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, collate_fn=collator,
                         num_workers=num_workers, shuffle=False)
     ids, sums, counts = [], [], []
-    for batch in tqdm(loader, desc="reference log-probs", disable=not accelerator.is_local_main_process):
+    quiet = not (show_progress and accelerator.is_local_main_process)
+    for batch in tqdm(loader, desc="reference log-probs", disable=quiet):
         row_ids, logps = batch_logps(batch)
         n_sides = logps.sums.shape[0] // row_ids.shape[0]
         ids.append(row_ids.cpu())

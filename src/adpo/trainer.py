@@ -246,7 +246,8 @@ class ADPOTrainer(Trainer):
                 return row_ids, self._live_reference_logps(self.model, batch, mask)
 
         return compute_table(dataset, self.data_collator, batch_logps, self.accelerator,
-                             self.args.per_device_eval_batch_size, self.args.dataloader_num_workers)
+                             self.args.per_device_eval_batch_size, self.args.dataloader_num_workers,
+                             show_progress=not self.args.disable_tqdm)
 
     def evaluate(
         self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
