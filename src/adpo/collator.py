@@ -50,7 +50,9 @@ class EncodedSide:
 class ADPOCollator:
     """Collate ADPO rows into one ``[chosen; rejected]`` batch.
 
-    Output (``R = 2B`` rows, chosen rows first, ``L`` = longest prompt + response):
+    Output (``R = 2B`` rows, chosen rows first, ``L`` = longest prompt + response; with ``multitask`` ``R = 4B``:
+    ``[chosen; rejected; dpo chosen; dpo rejected]``, the last two the row's standard pair ``prompt`` →
+    ``chosen_response`` / ``rejected_response``):
         input_ids (R, L), attention_mask (R, L), response_mask (R, L) bool: True at response tokens,
         row_ids (B,): the dataset's row index of each pair, and every other tensor the processor returns.
     """
@@ -64,6 +66,7 @@ class ADPOCollator:
         max_image_size: int | None = None,
         image_processor_kwargs: dict[str, Any] | None = None,
         pad_to_multiple_of: int | None = None,
+        multitask: bool = False,
     ) -> None:
         self.processor = processor
         self.tokenizer: PreTrainedTokenizerBase = getattr(processor, "tokenizer", processor)
@@ -72,6 +75,7 @@ class ADPOCollator:
         self.separate_images = separate_images
         self.max_image_size = max_image_size
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.multitask = multitask
         self.chat_template = getattr(processor, "chat_template", None) or self.tokenizer.chat_template
         self.image_token = getattr(processor, "image_token", None)
         if multimodal:
@@ -86,16 +90,31 @@ class ADPOCollator:
 
     # ------------------------------------------------------------------ one side
     def encode_side(self, row: dict[str, Any], side: str) -> EncodedSide:
+        """One ADPO side: the ``side`` prompt (``chosen``/``rejected``) with its images, then the response."""
+        field = f"{side}_images" if self.separate_images else "chosen_images"
+        return self._encode(row, side, field, "response", images_required=True)
+
+    def encode_dpo_side(self, row: dict[str, Any], side: str) -> EncodedSide:
+        """One side of the row's standard DPO pair: ``prompt`` (+ ``prompt_images``), then ``{side}_response``.
+
+        ``side`` is ``chosen`` or ``rejected``; both sides share the prompt, so images are optional here.
+        """
+        return self._encode(row, "prompt", "prompt_images", f"{side}_response", images_required=False)
+
+    def _encode(
+        self, row: dict[str, Any], text_field: str, images_field: str, response_field: str, images_required: bool
+    ) -> EncodedSide:
         row_id = row.get(ROW_ID)
-        text = row_text(row, side, row_id)
-        response = row_text(row, "response", row_id)
+        text = row_text(row, text_field, row_id)
+        response = row_text(row, response_field, row_id)
+        if not response.strip():
+            raise ADPODataError(row_id, response_field, "is empty")
         images: list[Any] = []
         if self.multimodal:
-            field = f"{side}_images" if self.separate_images else "chosen_images"
-            images = [self._load(value, row_id, field) for value in row_images(row, field, row_id)]
-            if not images:
-                raise ADPODataError(row_id, field, "has no image (multimodal mode needs at least one per side)")
-        prompt, response_text = self._render(text, len(images), response, row_id, side)
+            images = [self._load(value, row_id, images_field) for value in row_images(row, images_field, row_id)]
+            if not images and images_required:
+                raise ADPODataError(row_id, images_field, "has no image (multimodal mode needs at least one per side)")
+        prompt, response_text = self._render(text, len(images), response, row_id, text_field)
         if self.chat_template is not None:
             response_ids = self.tokenizer(response_text, add_special_tokens=False)["input_ids"]
         else:
@@ -141,7 +160,11 @@ class ADPOCollator:
             if c.response_ids != r.response_ids:
                 raise ADPODataError(row.get(ROW_ID), "response", "tokenises differently after the chosen and the "
                                     "rejected prompt, so their log-probs would not compare the same tokens")
-        batch = self.collate_sides(chosen + rejected)
+        sides = chosen + rejected
+        if self.multitask:  # the standard DPO pair: one prompt, two different responses (no identity check)
+            sides += [self.encode_dpo_side(row, "chosen") for row in rows]
+            sides += [self.encode_dpo_side(row, "rejected") for row in rows]
+        batch = self.collate_sides(sides)
         batch[ROW_IDS] = torch.tensor([row.get(ROW_ID, -1) for row in rows], dtype=torch.long)
         return batch
 

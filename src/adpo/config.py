@@ -147,6 +147,23 @@ class ADPOConfig(TrainingArguments):
         default=0.0,
         metadata={"help": "A-DPOP λ: penalise the policy's chosen log-prob falling below the reference's."},
     )
+    multitask_weight: float | None = field(
+        default=None,
+        metadata={"help": "λ of the paper's multitask objective λ·L_DPO + (1−λ)·L_ADPO. Rows must then also carry "
+                  "a standard preference pair: prompt, optional prompt_images, chosen_response, rejected_response. "
+                  "Unset: A-DPO only."},
+    )
+    precompute_ref_log_probs: bool = field(
+        default=False,
+        metadata={"help": "Compute the reference's log-probs once before training (one pass over the data), cache "
+                  "them on disk and free the reference model. Reused across epochs and runs while the model, data "
+                  "and log-prob settings are unchanged (see docs/losses.md)."},
+    )
+    ref_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder for --precompute_ref_log_probs caches. Default: $ADPO_CACHE_DIR, else "
+                  "$XDG_CACHE_HOME/adpo/ref_logps, else ~/.cache/adpo/ref_logps."},
+    )
     # Defaults that differ from TrainingArguments'.
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the collator needs the raw rows (text and images)."}
@@ -171,5 +188,9 @@ class ADPOConfig(TrainingArguments):
             raise ValueError(f"--dpop_lambda must be >= 0, got {self.dpop_lambda}.")
         if self.dpop_lambda and (self.loss_type != "sigmoid" or self.reference_free):
             raise ValueError("--dpop_lambda (A-DPOP) needs --loss_type sigmoid and a reference model.")
+        if self.multitask_weight is not None and not 0 <= self.multitask_weight <= 1:
+            raise ValueError(f"--multitask_weight must be in [0, 1], got {self.multitask_weight}.")
+        if self.precompute_ref_log_probs and self.reference_free:
+            raise ValueError("--precompute_ref_log_probs has nothing to compute with --reference_free; drop one.")
         if self.remove_unused_columns:
             raise ValueError("--remove_unused_columns must stay false: the collator reads the raw rows.")

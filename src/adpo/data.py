@@ -71,7 +71,8 @@ def _absolute_image_paths(dataset: Dataset, root: str) -> Dataset:
 
     Only columns that store paths (strings, or lists of strings) are touched; encoded images pass through.
     """
-    fields = [f for f in IMAGE_FIELDS if f in dataset.column_names and _stores_paths(dataset.features[f])]
+    fields = [f for f in (*IMAGE_FIELDS, "prompt_images")  # prompt_images: the multitask DPO pair's
+              if f in dataset.column_names and _stores_paths(dataset.features[f])]
 
     def resolve(row: dict[str, Any], idx: int) -> dict[str, Any]:
         return {
@@ -103,6 +104,21 @@ def check_columns(dataset: Dataset, name: str) -> None:
             None, missing[0],
             f"{name} has no column {missing[0]!r} (columns: {dataset.column_names}); an ADPO row needs "
             "response, chosen, rejected and, for images, chosen_images and rejected_images.",
+        )
+
+
+MULTITASK_FIELDS = ("prompt", "chosen_response", "rejected_response")  # + optional prompt_images
+
+
+def check_multitask_columns(dataset: Dataset, name: str) -> None:
+    """``--multitask_weight`` trains on each row's standard DPO pair too: its columns must exist."""
+    missing = [f for f in MULTITASK_FIELDS if f not in dataset.column_names]
+    if missing:
+        raise ADPODataError(
+            None, missing[0],
+            f"{name} has no column {missing[0]!r} (columns: {dataset.column_names}); --multitask_weight needs rows "
+            "that also carry a standard preference pair: prompt, optional prompt_images, chosen_response, "
+            "rejected_response.",
         )
 
 

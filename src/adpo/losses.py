@@ -35,6 +35,9 @@ def adpo_loss(
 ) -> ADPOLossOutput:
     """The ADPO loss of one batch of pairs.
 
+    The same function gives the standard DPO loss when the two "sides" are two responses to one prompt,
+    ``log π(y_w|x)`` and ``log π(y_l|x)`` (the multitask objective's DPO term).
+
     Args:
         policy_chosen_logps: (B,) log πθ(y|x_w) (summed over response tokens; averaged for ``ipo``).
         policy_rejected_logps: (B,) log πθ(y|x_l).
@@ -46,6 +49,8 @@ def adpo_loss(
         label_smoothing: ε, for ``sigmoid``.
         dpop_lambda: λ of A-DPOP, for ``sigmoid``: h' = h − λ·max(0, log π_ref(y|x_w) − log πθ(y|x_w)).
     """
+    if loss_type != "sigmoid" and (label_smoothing or dpop_lambda):
+        raise ValueError(f"label_smoothing and dpop_lambda apply to loss_type 'sigmoid' only, not {loss_type!r}.")
     if (ref_chosen_logps is None) != (ref_rejected_logps is None):
         raise ValueError("Give both reference log-probs or neither (reference-free).")
     if ref_chosen_logps is None:
@@ -74,3 +79,16 @@ def adpo_loss(
         chosen_rewards=(beta * chosen_logratios).detach(),
         rejected_rewards=(beta * rejected_logratios).detach(),
     )
+
+
+def multitask_loss(dpo_losses: torch.Tensor, adpo_losses: torch.Tensor, weight: float) -> torch.Tensor:
+    """The paper's multitask objective ``λ·mean(L_DPO) + (1−λ)·mean(L_ADPO)``, a scalar.
+
+    Args:
+        dpo_losses: (B,) per-pair DPO losses.
+        adpo_losses: (B,) per-pair ADPO losses.
+        weight: λ in [0, 1]; 1 is plain DPO, 0 plain A-DPO.
+    """
+    if not 0 <= weight <= 1:
+        raise ValueError(f"multitask weight must be in [0, 1], got {weight}.")
+    return weight * dpo_losses.mean() + (1 - weight) * adpo_losses.mean()

@@ -9,7 +9,7 @@ from datasets import Dataset
 
 from .collator import ADPOCollator
 from .config import ADPOConfig, DataArguments, ModelArguments
-from .data import has_images, load_adpo_dataset
+from .data import check_multitask_columns, has_images, load_adpo_dataset
 from .modeling import apply_lora, load_model_and_processor, load_reference
 from .trainer import ADPOTrainer
 
@@ -79,7 +79,12 @@ def build_trainer(
         max_image_size=data_args.max_image_size,
         image_processor_kwargs=data_args.image_processor_kwargs_dict(),
         pad_to_multiple_of=data_args.pad_to_multiple_of,
+        multitask=training_args.multitask_weight is not None,
     )
+    if training_args.multitask_weight is not None:
+        check_multitask_columns(train, data_args.dataset_name)
+        if eval_dataset is not None:
+            check_multitask_columns(eval_dataset, data_args.eval_dataset_name or data_args.dataset_name)
     if training_args.train_sampling_strategy in ("group_by_length", "batch_rebalance"):
         column = training_args.length_column_name
         if column not in train.column_names:
