@@ -12,6 +12,7 @@ from .config import ADPOConfig, DataArguments, ModelArguments
 from .data import has_images, load_adpo_dataset
 from .modeling import apply_lora, load_model_and_processor, load_reference
 from .trainer import ADPOTrainer
+from .validate import check_output_dir, validate_splits
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ def build_trainer(
     """Load everything the CLI flags describe and return the trainer and the processor."""
     if not data_args.dataset_name:
         raise ValueError("--dataset_name is required (hub id, save_to_disk folder, or .json/.jsonl/.parquet/.csv).")
+    check_output_dir(training_args.output_dir, training_args.overwrite_output_dir)
     train = load_adpo_dataset(
         data_args.dataset_name, data_args.dataset_split, data_args.dataset_config, data_args.max_train_samples
     )
@@ -57,6 +59,7 @@ def build_trainer(
         max_image_size=data_args.max_image_size,
         image_processor_kwargs=data_args.image_processor_kwargs_dict(),
     )
+    train, eval_dataset, reports = validate_splits(train, eval_dataset, collator, data_args)
     ref_model = None if training_args.reference_free else load_reference(model_args, model)
     if model_args.use_peft:
         if training_args.gradient_checkpointing:
@@ -73,4 +76,5 @@ def build_trainer(
         eval_dataset=eval_dataset,
         processing_class=processor,
     )
+    trainer.validation_reports = reports  # the CLI prints what was skipped
     return trainer, processor
