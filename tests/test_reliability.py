@@ -425,25 +425,29 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return all(torch.equal(a[n], b[n]) for n in a)
 
 
-@pytest.mark.parametrize("poison", ["loss", "gradients"])
-def test_non_finite_step_never_reaches_the_weights(poison, tiny_llama, text_jsonl, tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize(("poison", "accumulation"), [("loss", 1), ("gradients", 1), ("loss", 2)])
+def test_non_finite_step_never_reaches_the_weights(
+    poison, accumulation, tiny_llama, text_jsonl, tmp_path, monkeypatch, caplog
+):
+    """Step 2 is poisoned (with accumulation 2: its first micro-batch); its weights must equal step 1's."""
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     args = ADPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=3, learning_rate=1e-2,
-                      logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+                      gradient_accumulation_steps=accumulation, logging_steps=1, report_to=[], save_strategy="no",
+                      use_cpu=True, disable_tqdm=True)
     trainer = ADPOTrainer(model=model, args=args, ref_model=copy.deepcopy(model), train_dataset=load_adpo_dataset(
         str(text_jsonl)), data_collator=ADPOCollator(tokenizer, multimodal=False), processing_class=tokenizer)
     snapshots = _Snapshots()
     trainer.add_callback(snapshots)
-    seen: list[list[int]] = []
+    micro: list[list[int]] = []  # row ids of each micro-batch, in order
     clean = trainer.loss_and_metrics
 
     def poisoned(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         loss, metrics = clean(model, inputs)
-        seen.append(inputs[ROW_IDS].tolist())
-        if len(seen) == 2 and poison == "loss":
+        micro.append(inputs[ROW_IDS].tolist())
+        if len(micro) == accumulation + 1 and poison == "loss":
             loss = loss * float("nan")
-        elif len(seen) == 2:  # finite loss, infinite gradients
+        elif len(micro) == accumulation + 1:  # finite loss, infinite gradients
             loss.register_hook(lambda grad: grad * float("inf"))
         return loss, metrics
 
@@ -455,8 +459,10 @@ def test_non_finite_step_never_reaches_the_weights(poison, tiny_llama, text_json
     assert _same(after_1, after_2)  # the poisoned step does not
     assert not _same(after_2, after_3)  # and training goes on
     assert all(torch.isfinite(w).all() for w in after_3.values())
-    assert trainer.nonfinite_guard.skipped_steps == [(2, seen[1])]
-    assert f"optimizer step 2 skipped: non-finite {poison}; weights unchanged. Rows: {seen[1]}" in caplog.text
+    step_2_rows = sum(micro[accumulation : 2 * accumulation], [])
+    assert len(step_2_rows) == 2 * accumulation
+    assert trainer.nonfinite_guard.skipped_steps == [(2, step_2_rows)]
+    assert f"optimizer step 2 skipped: non-finite {poison}; weights unchanged. Rows: {step_2_rows}" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------------- output dir

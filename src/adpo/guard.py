@@ -55,8 +55,10 @@ class NonFiniteGuard(TrainerCallback):
             what = ("loss" if not self.window_loss_finite else "gradients" if not grads_finite
                     else "loss or gradients on another process")
             step = state.global_step + 1
-            logger.warning("optimizer step %d skipped: non-finite %s; weights unchanged. Rows: %s",
-                           step, what, self.window_rows)
+            # fp16 loss scaling overflows now and then by design (the scaler then lowers its scale): not a warning.
+            level = logging.INFO if args.fp16 and self.window_loss_finite else logging.WARNING
+            logger.log(level, "optimizer step %d skipped: non-finite %s; weights unchanged. Rows: %s",
+                       step, what, self.window_rows)
             self.skipped_steps.append((step, list(self.window_rows)))
         self.window_rows, self.window_loss_finite = [], True
 
