@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
 
     set_seed(training_args.seed)
     trainer, processor = build_trainer(model_args, data_args, training_args)
+    for report in getattr(trainer, "validation_reports", {}).values():
+        if report.n_skipped and trainer.is_world_process_zero():
+            print(f"adpo: {report.summary()}")
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     trainer.save_state()
@@ -85,14 +88,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> None:
     """Console-script entry point: clear one-line errors for bad input instead of tracebacks."""
+    from datasets.exceptions import DatasetGenerationError
+
     from .data import ADPODataError
 
     try:
         sys.exit(main())
-    except (ADPODataError, ValueError, FileNotFoundError) as err:
+    except (ADPODataError, ValueError, FileNotFoundError, DatasetGenerationError) as err:
         if os.environ.get("ADPO_TRACEBACK"):
             raise
-        print(f"adpo: error: {err}\n(set ADPO_TRACEBACK=1 to see where it was raised)", file=sys.stderr)
+        cause = f": {err.__cause__}" if isinstance(err, DatasetGenerationError) and err.__cause__ else ""
+        print(f"adpo: error: {err}{cause}\n(set ADPO_TRACEBACK=1 to see where it was raised)", file=sys.stderr)
         sys.exit(2)
 
 

@@ -21,7 +21,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, ProcessorMixin
 
 from .data import ROW_ID, ADPODataError, row_images, row_text
-from .images import ImageLoadError, load_image, shrink_to_longest_edge
+from .images import ImageLoadError, load_image, min_image_side
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,8 @@ class ADPOCollator:
         self.multitask = multitask
         self.chat_template = getattr(processor, "chat_template", None) or self.tokenizer.chat_template
         self.image_token = getattr(processor, "image_token", None)
+        self.image_token_id = _token_id(self.tokenizer, self.image_token)
+        self.min_image_side = min_image_side(processor) if multimodal else 1
         if multimodal:
             if not self.is_processor or getattr(processor, "image_processor", None) is None:
                 raise ValueError("--multimodal_mode needs a model whose processor takes images; "
@@ -121,14 +123,16 @@ class ADPOCollator:
             # No template: the response as given, then EOS.
             response_ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
             response_ids = [*response_ids, self.tokenizer.eos_token_id]
+        if self.image_token_id is not None and self.image_token_id in response_ids:
+            # The model would look for image features there ("image features and image tokens do not match").
+            raise ADPODataError(row_id, "response", f"contains the image placeholder {self.image_token}")
         return EncodedSide(prompt, images, response_ids)
 
     def _load(self, value: Any, row_id: int | None, field: str) -> Any:
         try:
-            image = load_image(value)
+            return load_image(value, self.max_image_size, self.min_image_side)
         except ImageLoadError as err:
             raise ADPODataError(row_id, field, str(err)) from None
-        return shrink_to_longest_edge(image, self.max_image_size)
 
     def _render(self, text: str, n_images: int, response: str, row_id: int | None, side: str) -> tuple[str, str]:
         """(prompt text, response text as the template renders the assistant turn)."""
@@ -202,6 +206,14 @@ class ADPOCollator:
                 out_seq[key][i, :p] = row
                 out_seq[key][i, p : p + r] = row[-1:]
         return {"input_ids": input_ids, **out_seq, **encoded, RESPONSE_MASK: response_mask}
+
+
+def _token_id(tokenizer: PreTrainedTokenizerBase, token: str | None) -> int | None:
+    """The id of a special token, or None when the tokenizer does not know it (it would map to unk)."""
+    if token is None:
+        return None
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    return None if token_id is None or token_id == tokenizer.unk_token_id else token_id
 
 
 def check_image_processor_kwargs(processor: Any, kwargs: dict[str, Any]) -> dict[str, Any]:

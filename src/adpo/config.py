@@ -101,8 +101,32 @@ class DataArguments:
         default=None,
         metadata={"help": "Pad each batch to a multiple of this many tokens (default: to its longest row only)."},
     )
+    on_bad_rows: Literal["error", "skip"] = field(
+        default="error",
+        metadata={"help": "A row that cannot be trained on exactly as given (missing or empty field, unreadable "
+                  "image, placeholder/image count mismatch, too long, ...) is checked before training. error: "
+                  "stop, naming the row and field. skip: leave it out and report how many rows were skipped and "
+                  "why (the run still fails if no row is left)."},
+    )
+    max_length: int | None = field(
+        default=None,
+        metadata={"help": "Most tokens per side: prompt (image tokens included) + response. Longer rows are "
+                  "refused or skipped (--on_bad_rows), never truncated. Setting it runs the processor on every "
+                  "row before training, to count exactly."},
+    )
+    max_response_length: int | None = field(
+        default=None,
+        metadata={"help": "Most response tokens (end-of-turn token included). Longer rows are refused or skipped "
+                  "(--on_bad_rows), never truncated."},
+    )
 
     def __post_init__(self) -> None:
+        for name in ("max_length", "max_response_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be a positive number of tokens, got {value}.")
+        if self.on_bad_rows not in ("error", "skip"):
+            raise ValueError(f"--on_bad_rows must be error or skip, got {self.on_bad_rows!r}.")
         if self.max_image_size is not None and self.max_image_size < 1:
             raise ValueError(f"--max_image_size must be a positive number of pixels, got {self.max_image_size}.")
         for name in ("max_train_samples", "max_eval_samples"):
@@ -169,6 +193,13 @@ class ADPOConfig(TrainingArguments):
         default=False, metadata={"help": "Kept False: the collator needs the raw rows (text and images)."}
     )
     logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
+    # transformers 5 dropped this TrainingArguments flag; we keep it so a finished model is never overwritten.
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Allow an --output_dir that already holds a trained model (config.json, "
+                  "adapter_config.json, model.safetensors ...); it is overwritten. Without it such a folder is "
+                  "refused."},
+    )
 
     def __post_init__(self) -> None:
         if not _has_accelerator():

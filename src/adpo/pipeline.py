@@ -12,6 +12,7 @@ from .config import ADPOConfig, DataArguments, ModelArguments
 from .data import check_multitask_columns, has_images, load_adpo_dataset
 from .modeling import apply_lora, load_model_and_processor, load_reference
 from .trainer import ADPOTrainer
+from .validate import check_output_dir, validate_splits
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ def build_trainer(
     """Load everything the CLI flags describe and return the trainer and the processor."""
     if not data_args.dataset_name:
         raise ValueError("--dataset_name is required (hub id, save_to_disk folder, or .json/.jsonl/.parquet/.csv).")
+    check_output_dir(training_args.output_dir, training_args.overwrite_output_dir)
     train = load_adpo_dataset(
         data_args.dataset_name, data_args.dataset_split, data_args.dataset_config, data_args.max_train_samples
     )
@@ -85,6 +87,7 @@ def build_trainer(
         check_multitask_columns(train, data_args.dataset_name)
         if eval_dataset is not None:
             check_multitask_columns(eval_dataset, data_args.eval_dataset_name or data_args.dataset_name)
+    train, eval_dataset, reports = validate_splits(train, eval_dataset, collator, data_args)
     if training_args.train_sampling_strategy in ("group_by_length", "batch_rebalance"):
         column = training_args.length_column_name
         if column not in train.column_names:
@@ -105,4 +108,5 @@ def build_trainer(
         eval_dataset=eval_dataset,
         processing_class=processor,
     )
+    trainer.validation_reports = reports  # the CLI prints what was skipped
     return trainer, processor

@@ -21,6 +21,7 @@ from transformers import PreTrainedModel, Trainer
 
 from .collator import RESPONSE_MASK, ROW_IDS
 from .config import ADPOConfig
+from .guard import NonFiniteGuard
 from .logprobs import ResponseLogps, response_logps
 from .losses import adpo_loss, multitask_loss
 from .refcache import (
@@ -62,6 +63,12 @@ class ADPOTrainer(Trainer):
             "train": defaultdict(list), "eval": defaultdict(list)
         }
         self.ref_model = None if ref_model is None else self._prepare_reference(ref_model)
+        self.nonfinite_guard = NonFiniteGuard(lambda: self.model)
+        if self.is_deepspeed_enabled:
+            logger.warning("DeepSpeed steps inside backward: a non-finite loss or gradient cannot be kept from "
+                           "the weights by adpo's guard (DeepSpeed's fp16 loss scaler skips overflowing steps).")
+        else:
+            self.add_callback(self.nonfinite_guard)
         # --precompute_ref_log_probs: tables by dataset, and the ones in use for training / evaluation.
         self._ref_tables: dict[int, tuple[Any, RefLogpsTable]] = {}
         self._active_tables: dict[str, RefLogpsTable | None] = {"train": None, "eval": None}
@@ -110,6 +117,15 @@ class ADPOTrainer(Trainer):
             unwrapped.train(was_training)
 
     # ------------------------------------------------------------------ loss
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        """The usual step; its loss and row ids go to the non-finite guard, which may skip the optimizer step."""
+        row_ids = inputs.get(ROW_IDS)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.nonfinite_guard.record(loss, row_ids)
+        return loss
+
     def loss_and_metrics(
         self, model: nn.Module, inputs: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -1,0 +1,80 @@
+"""Keep a non-finite loss or gradient away from the weights.
+
+:class:`NonFiniteGuard` is a ``TrainerCallback``. The trainer tells it each micro-batch's loss and row ids
+(:meth:`NonFiniteGuard.record`); just before the optimizer step it checks those losses and the accumulated
+gradients. If anything is NaN or infinite, every gradient is dropped (``grad = None``), so ``optimizer.step()``
+leaves every parameter and its optimizer state untouched (torch optimizers skip parameters without a gradient,
+weight decay and momentum included), and the step is logged with the rows that made it. The learning-rate
+schedule still advances, as it does when the fp16 grad scaler skips a step.
+
+Not under DeepSpeed: its engine steps inside ``backward``, before this hook runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Skip optimizer steps whose loss or gradients are not finite.
+
+    Args:
+        model_getter: returns the model whose parameters' gradients are checked (the trainer's current model, so
+            wrapping done after construction is seen).
+    """
+
+    def __init__(self, model_getter: Any) -> None:
+        self.model_getter = model_getter
+        self.window_rows: list[int] = []
+        self.window_loss_finite = True
+        self.skipped_steps: list[tuple[int, list[int]]] = []  # (optimizer step, row ids) of every skipped step
+
+    def record(self, loss: torch.Tensor, row_ids: torch.Tensor | None) -> None:
+        """Note one micro-batch: its loss (any shape) and its rows' ids (B,)."""
+        if row_ids is not None:
+            self.window_rows.extend(int(r) for r in row_ids.reshape(-1).tolist())
+        if not bool(torch.isfinite(loss.detach()).all()):
+            self.window_loss_finite = False
+
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        model = self.model_getter()
+        params = [p for p in model.parameters() if p.grad is not None]
+        grads_finite = _all_finite([p.grad for p in params])
+        bad = _any_process(not (grads_finite and self.window_loss_finite), args.device)
+        if bad:
+            for p in params:
+                p.grad = None  # the optimizer then leaves these weights and their state alone
+            what = ("loss" if not self.window_loss_finite else "gradients" if not grads_finite
+                    else "loss or gradients on another process")
+            step = state.global_step + 1
+            # fp16 loss scaling overflows now and then by design (the scaler then lowers its scale): not a warning.
+            level = logging.INFO if args.fp16 and self.window_loss_finite else logging.WARNING
+            logger.log(level, "optimizer step %d skipped: non-finite %s; weights unchanged. Rows: %s",
+                       step, what, self.window_rows)
+            self.skipped_steps.append((step, list(self.window_rows)))
+        self.window_rows, self.window_loss_finite = [], True
+
+
+def _all_finite(grads: list[torch.Tensor]) -> bool:
+    if not grads:
+        return True
+    # The max-abs norm is non-finite exactly when some entry is (an L2 norm could overflow on finite values).
+    norm = torch.nn.utils.get_total_norm([g.detach() for g in grads], norm_type=float("inf"))
+    return bool(torch.isfinite(norm))
+
+
+def _any_process(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on any process, so every rank skips the same steps and the weights stay equal."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    value = torch.tensor(float(flag), device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())

@@ -1,0 +1,243 @@
+"""Check every row before training, so a bad row gets a clear answer (row index and field) instead of a crash
+deep inside the model or silently truncated training.
+
+Each row goes through the collator's own encode path (:meth:`ADPOCollator.encode_side`), so validation and
+training can never disagree about what a row means. With ``--max_length`` each side is also run through the
+processor on its own, which counts the prompt's tokens exactly, image tokens included.
+
+``--on_bad_rows error`` stops at the first bad row; ``skip`` leaves bad rows out and reports, per reason, how many
+were skipped (:class:`ValidationReport`). Rows are never truncated.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset, Image, IterableDataset, List, Sequence
+
+from .collator import ADPOCollator, EncodedSide
+from .data import IMAGE_FIELDS, ROW_ID, ADPODataError
+
+logger = logging.getLogger(__name__)
+
+ON_BAD_ROWS = ("error", "skip")
+FINISHED_MODEL_FILES = (
+    "config.json", "adapter_config.json", "model.safetensors", "model.safetensors.index.json",
+    "adapter_model.safetensors", "pytorch_model.bin",
+)
+_EXAMPLE_ROWS = 8  # row ids listed per reason in the summary
+
+
+@dataclass
+class ValidationReport:
+    """What validation found in one split: rows seen, kept, and skipped row ids grouped by reason."""
+
+    name: str
+    total: int = 0
+    kept: int = 0
+    skipped: dict[str, list[int | None]] = field(default_factory=dict)
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(len(rows) for rows in self.skipped.values())
+
+    def add(self, err: ADPODataError) -> None:
+        self.skipped.setdefault(reason(err), []).append(err.row)
+
+    def summary(self) -> str:
+        """One line per reason, most frequent first, with the first few row ids."""
+        lines = [f"{self.name}: skipped {self.n_skipped} of {self.total} rows (--on_bad_rows skip), "
+                 f"kept {self.kept}"]
+        for why, rows in sorted(self.skipped.items(), key=lambda item: -len(item[1])):
+            shown = ", ".join(str(r) for r in rows[:_EXAMPLE_ROWS]) + (", ..." if len(rows) > _EXAMPLE_ROWS else "")
+            lines.append(f"  {len(rows)} x {why} (rows {shown})")
+        return "\n".join(lines)
+
+
+def reason(err: ADPODataError) -> str:
+    """A row error's reason without its specifics: the field and the problem up to its first colon, numbers
+    replaced by N (so '2 placeholders but 1 image' and '3 ... but 2' count together)."""
+    return f"{err.field}: {re.sub(r'[0-9]+', 'N', err.problem.split(':')[0]).strip()}"
+
+
+def check_row(
+    row: dict[str, Any],
+    collator: ADPOCollator,
+    max_length: int | None = None,
+    max_response_length: int | None = None,
+) -> None:
+    """Raise :class:`ADPODataError` (naming the row and field) if the row cannot be trained on as given."""
+    row_id = row.get(ROW_ID)
+    chosen = collator.encode_side(row, "chosen")
+    rejected = collator.encode_side(row, "rejected")
+    if chosen.response_ids != rejected.response_ids:
+        raise ADPODataError(row_id, "response", "tokenises differently after the chosen and the rejected prompt")
+    n_response = len(chosen.response_ids)
+    if max_response_length is not None and n_response > max_response_length:
+        raise ADPODataError(row_id, "response", f"too long: {n_response} tokens, over --max_response_length "
+                            f"{max_response_length} (rows are never truncated)")
+    if max_length is None:
+        return
+    for side, n in zip(("chosen", "rejected"), pair_lengths(collator, chosen, rejected, row_id), strict=True):
+        if n > max_length:
+            raise ADPODataError(row_id, side, f"too long: prompt + response is {n} tokens (image tokens "
+                                f"included), over --max_length {max_length} (rows are never truncated)")
+
+
+def pair_lengths(collator: ADPOCollator, chosen: EncodedSide, rejected: EncodedSide, row_id: int | None) -> list[int]:
+    """Exact token counts of both sides (prompt with its expanded image tokens + response), from one processor
+    call, exactly as the collator builds a training batch."""
+    try:
+        return _lengths(collator.collate_sides([chosen, rejected]))
+    except Exception:
+        pass  # find the side to blame, then say which row and field
+    for name, side in (("chosen", chosen), ("rejected", rejected)):
+        field_name = f"{name}_images" if side.images else name
+        try:
+            _lengths(collator.collate_sides([side]))
+        except ADPODataError:
+            raise
+        except Exception as err:  # the processor refused the side: name the row, not a traceback from its depths
+            raise ADPODataError(row_id, field_name, f"the processor cannot encode this side: "
+                                f"{type(err).__name__}: {err}") from None
+    raise ADPODataError(row_id, "chosen", "the processor cannot encode the two sides together")
+
+
+def _lengths(batch: dict[str, torch.Tensor]) -> list[int]:
+    for key, value in batch.items():
+        if torch.is_floating_point(value) and not torch.isfinite(value).all():
+            raise ValueError(f"non-finite values: the processor's {key} holds NaN or inf")
+    return batch["attention_mask"].sum(1).tolist()
+
+
+def validate_dataset(
+    dataset: Dataset | IterableDataset,
+    collator: ADPOCollator,
+    *,
+    on_bad_rows: str = "error",
+    max_length: int | None = None,
+    max_response_length: int | None = None,
+    name: str = "train",
+) -> tuple[Dataset | IterableDataset, ValidationReport]:
+    """Check every row; return the rows to train on and a report.
+
+    A map-style dataset is checked now. The returned dataset keeps the good rows and hands stored images to the
+    collator undecoded, so decoding, size checks and shrinking always go through :func:`adpo.images.load_image`
+    (validation decodes each image once, with that same loader). A streamed ``IterableDataset`` cannot be read
+    twice, so its rows are checked as they stream (its report fills as training reads it).
+    """
+    if on_bad_rows not in ON_BAD_ROWS:
+        raise ValueError(f"on_bad_rows must be one of {ON_BAD_ROWS}, got {on_bad_rows!r}")
+    limits = {"max_length": max_length, "max_response_length": max_response_length}
+    if isinstance(dataset, IterableDataset):
+        return _validate_stream(dataset, collator, on_bad_rows, limits, name)
+    if ROW_ID not in dataset.column_names:
+        dataset = dataset.add_column(ROW_ID, list(range(len(dataset))))
+    report = ValidationReport(name, total=len(dataset))
+    if report.total == 0:
+        raise ADPODataError(None, "rows", f"the {name} dataset has no rows")
+    # Check the rows exactly as training will read them: a copy (so changing its features leaves the caller's
+    # dataset alone) that hands images over undecoded.
+    dataset = dataset.select(range(len(dataset)))
+    _stop_decoding_images(dataset)
+    start, kept = time.perf_counter(), []
+    for index, row in enumerate(_rows(dataset)):
+        if _checked(row, collator, on_bad_rows, limits, report) is None:
+            kept.append(index)
+    report.kept = len(kept)
+    logger.info("validated %d %s rows in %.1f s", report.total, name, time.perf_counter() - start)
+    if not kept:
+        raise ADPODataError(None, "rows", f"every one of the {report.total} {name} rows is bad, nothing to train "
+                            f"on:\n{report.summary()}")
+    if report.n_skipped:
+        logger.warning("%s", report.summary())
+        dataset = dataset.select(kept)
+    return dataset, report
+
+
+def _checked(
+    row: dict[str, Any], collator: ADPOCollator, on_bad_rows: str, limits: dict[str, int | None],
+    report: ValidationReport,
+) -> ADPODataError | None:
+    """None for a good row; a bad row raises (error mode) or is counted in ``report`` and its error returned."""
+    try:
+        check_row(row, collator, **limits)
+    except ADPODataError as err:
+        if on_bad_rows == "error":
+            raise
+        report.add(err)
+        return err
+    return None
+
+
+def _rows(dataset: Dataset, batch_size: int = 64) -> Iterator[dict[str, Any]]:
+    """The rows one by one, read in batches (much faster than indexing row by row)."""
+    for batch in dataset.iter(batch_size=batch_size):
+        columns = list(batch)
+        for values in zip(*(batch[c] for c in columns), strict=True):
+            yield dict(zip(columns, values, strict=True))
+
+
+def _stop_decoding_images(dataset: Dataset) -> None:
+    """Hand stored image bytes to the collator instead of PIL images that datasets decoded (which skips our bomb
+    check, draft-mode shrinking and error messages). ``dataset`` must be a fresh copy: its info is changed."""
+    features = dataset.info.features
+    for name in IMAGE_FIELDS:
+        feature = features.get(name) if features else None
+        if isinstance(feature, Image):
+            features[name] = Image(decode=False)
+        elif isinstance(feature, (List, Sequence)) and isinstance(feature.feature, Image):
+            features[name] = List(Image(decode=False))
+
+
+def _validate_stream(
+    dataset: IterableDataset, collator: ADPOCollator, on_bad_rows: str, limits: dict[str, int | None], name: str
+) -> tuple[IterableDataset, ValidationReport]:
+    report = ValidationReport(name)
+    if dataset.features is not None:
+        dataset = dataset.decode(False)
+
+    def keep(row: dict[str, Any], index: int) -> bool:
+        row = row if ROW_ID in row else {**row, ROW_ID: index}
+        report.total += 1
+        err = _checked(row, collator, on_bad_rows, limits, report)
+        if err is not None:
+            logger.warning("%s: skipping %s", name, err)
+            return False
+        report.kept += 1
+        return True
+
+    return dataset.filter(keep, with_indices=True), report
+
+
+def check_output_dir(output_dir: str | None, overwrite: bool) -> None:
+    """Refuse to train into a folder that already holds a finished model, unless overwriting was asked for."""
+    if not output_dir or overwrite:
+        return
+    found = [name for name in FINISHED_MODEL_FILES if (Path(output_dir) / name).exists()]
+    if found:
+        raise ValueError(f"--output_dir {output_dir} already holds a trained model ({', '.join(found)}); training "
+                         "would overwrite it. Choose another --output_dir, or pass --overwrite_output_dir.")
+
+
+def validate_splits(
+    train: Dataset | IterableDataset,
+    eval_dataset: Dataset | IterableDataset | None,
+    collator: ADPOCollator,
+    data_args: Any,
+) -> tuple[Dataset | IterableDataset, Dataset | IterableDataset | None, dict[str, ValidationReport]]:
+    """Validate the training and (if any) evaluation rows with the ``DataArguments`` settings."""
+    settings = {"on_bad_rows": data_args.on_bad_rows, "max_length": data_args.max_length,
+                "max_response_length": data_args.max_response_length}
+    reports: dict[str, ValidationReport] = {}
+    train, reports["train"] = validate_dataset(train, collator, name="train", **settings)
+    if eval_dataset is not None:
+        eval_dataset, reports["eval"] = validate_dataset(eval_dataset, collator, name="eval", **settings)
+    return train, eval_dataset, reports
