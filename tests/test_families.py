@@ -310,6 +310,7 @@ def test_lora_target_resolution(family: str, tiny: Any) -> None:
     wrapped = [m for m in peft.modules() if hasattr(m, "lora_A")]
     assert any(isinstance(m.base_layer, nn.Linear) for m in wrapped)
     assert all(isinstance(m.base_layer, nn.Linear) for m in wrapped)
+    assert not hasattr(peft.get_output_embeddings(), "lora_A")  # all-linear leaves the LM head alone
 
 
 def test_lora_suffixes_and_projector_without_linear(tiny: Any) -> None:
