@@ -13,11 +13,13 @@ expects. Tensors laid out along the token sequence are then cut to each prompt a
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 from transformers import PreTrainedTokenizerBase, ProcessorMixin
 
 from .data import ROW_ID, ADPODataError, row_images, row_text
@@ -25,14 +27,23 @@ from .images import ImageLoadError, load_image, min_image_side
 
 logger = logging.getLogger(__name__)
 
+# Model-family quirks, all keyed on what the processor returns (design.md §2). Every other processor output
+# (pixel_values, pixel_attention_mask, image_sizes, image_grid_thw, aspect_ratio_ids/mask, ...) is laid out per
+# image or per row and reaches the model unchanged, for all 2B rows at once.
+#
 # Processor outputs laid out along the token sequence as (rows, seq, ...). The processor pads them to the
 # longest prompt; we keep each row's prompt positions, repeat the last prompt position over the response (what
-# the response tokens would get had the processor seen them) and pad with zeros.
+# the response tokens would get had the processor seen them) and pad with zeros. A processor that takes the
+# response itself as a `suffix` (PaliGemma) lays them out over the response too, and we keep its values there.
 SEQUENCE_KEYS = {
     "attention_mask": "every model",
-    "token_type_ids": "Gemma 3: 1 marks image tokens",
-    "mm_token_type_ids": "processors that mark multimodal tokens (Idefics3 on request, Qwen)",
-    "cross_attention_mask": "Mllama / Llama 3.2 Vision: (rows, seq, images, tiles)",
+    "token_type_ids": "Gemma 3: 1 marks image tokens; PaliGemma: 0 = bidirectional prefix, 1 = causal suffix",
+    "mm_token_type_ids": "processors that mark multimodal tokens (Idefics3 on request, Qwen2-VL, Qwen2.5-VL)",
+    "cross_attention_mask": "Mllama / Llama 3.2 Vision: (rows, seq, images, tiles), the images each token sees",
+}
+# Processor outputs that must not reach the model.
+DROPPED_KEYS = {
+    "labels": "PaliGemma: LM labels for its own loss; the trainer computes response log-probs itself",
 }
 
 # Keys the collator adds for the trainer; they never reach the model.
@@ -45,6 +56,7 @@ class EncodedSide:
     prompt: str  # the rendered prompt text (image placeholders not yet expanded)
     images: list[Any]  # RGB PIL images
     response_ids: list[int]
+    response: str = ""  # the response text, for processors that take it as a suffix
 
 
 class ADPOCollator:
@@ -80,12 +92,16 @@ class ADPOCollator:
         self.image_token = getattr(processor, "image_token", None)
         self.image_token_id = _token_id(self.tokenizer, self.image_token)
         self.min_image_side = min_image_side(processor) if multimodal else 1
+        # The processor's own convention for the target text (PaliGemma): it marks the suffix's token types.
+        call = inspect.signature(type(processor).__call__).parameters
+        self.response_as_suffix = self.is_processor and "suffix" in call
         if multimodal:
             if not self.is_processor or getattr(processor, "image_processor", None) is None:
                 raise ValueError("--multimodal_mode needs a model whose processor takes images; "
                                  f"{type(processor).__name__} does not.")
-            if self.chat_template is None:
-                raise ValueError("The processor has no chat template, so prompts cannot place their images.")
+            if self.chat_template is None and self.image_token is None:
+                raise ValueError("The processor has neither a chat template nor an image token, so prompts cannot "
+                                 "place their images.")
         self.image_processor_kwargs = check_image_processor_kwargs(processor, image_processor_kwargs or {})
         if self.tokenizer.pad_token_id is None:
             raise ValueError("The tokenizer has no pad token; set one (e.g. tokenizer.pad_token = eos_token).")
@@ -125,8 +141,8 @@ class ADPOCollator:
             response_ids = [*response_ids, self.tokenizer.eos_token_id]
         if self.image_token_id is not None and self.image_token_id in response_ids:
             # The model would look for image features there ("image features and image tokens do not match").
-            raise ADPODataError(row_id, "response", f"contains the image placeholder {self.image_token}")
-        return EncodedSide(prompt, images, response_ids)
+            raise ADPODataError(row_id, response_field, f"contains the image placeholder {self.image_token}")
+        return EncodedSide(prompt, images, response_ids, response)
 
     def _load(self, value: Any, row_id: int | None, field: str) -> Any:
         try:
@@ -136,13 +152,16 @@ class ADPOCollator:
 
     def _render(self, text: str, n_images: int, response: str, row_id: int | None, side: str) -> tuple[str, str]:
         """(prompt text, response text as the template renders the assistant turn)."""
+        placed = self.is_processor and self.image_token is not None and self.image_token in text
+        if placed and text.count(self.image_token) != n_images:
+            raise ADPODataError(row_id, side, f"places {text.count(self.image_token)} {self.image_token} "
+                                f"placeholder(s) but the side has {n_images} image(s)")
         if self.chat_template is None:
+            if n_images and not placed:
+                # No template (PaliGemma): the images' placeholders lead the prompt, the processor's convention.
+                text = self.image_token * n_images + text
             return text, response
         if self.is_processor:
-            placed = self.image_token is not None and self.image_token in text
-            if placed and text.count(self.image_token) != n_images:
-                raise ADPODataError(row_id, side, f"places {text.count(self.image_token)} {self.image_token} "
-                                    f"placeholder(s) but the side has {n_images} image(s)")
             parts = [] if placed else [{"type": "image"}] * n_images
             user = {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
             assistant = {"role": "assistant", "content": [{"type": "text", "text": response}]}
@@ -176,17 +195,22 @@ class ADPOCollator:
         """Process the prompts of ``sides`` in one processor call and append each side's response."""
         prompts = [s.prompt for s in sides]
         common = {"return_tensors": "pt", "padding": True, "add_special_tokens": self.chat_template is None}
+        suffix = self.multimodal and self.response_as_suffix
         if self.multimodal:
+            if suffix:
+                common["suffix"] = [s.response for s in sides]
             encoded = self.processor(
                 text=prompts, images=[s.images for s in sides], **common, **self.image_processor_kwargs
             )
         else:
             encoded = self.tokenizer(prompts, **common)
-        encoded = dict(encoded)
+        encoded = {k: v for k, v in encoded.items() if k not in DROPPED_KEYS}
         keep = encoded.pop("attention_mask").bool()
         prompt_ids = encoded.pop("input_ids")
-        prompt_lens = keep.sum(1)
         response_lens = torch.tensor([len(s.response_ids) for s in sides])
+        # Tokens the processor laid out per row: the prompt, plus the response when it took it as a suffix.
+        covered = keep.sum(1)
+        prompt_lens = covered - response_lens if suffix else covered
         length = int((prompt_lens + response_lens).max())
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -197,14 +221,18 @@ class ADPOCollator:
         seq = {"attention_mask": keep.long()} | {k: encoded.pop(k) for k in SEQUENCE_KEYS if k in encoded}
         out_seq = {k: v.new_zeros((n, length, *v.shape[2:])) for k, v in seq.items()}
         for i, side in enumerate(sides):
-            p, r = int(prompt_lens[i]), int(response_lens[i])
-            input_ids[i, :p] = prompt_ids[i][keep[i]]
+            p, r, c = int(prompt_lens[i]), int(response_lens[i]), int(covered[i])
+            input_ids[i, :c] = prompt_ids[i][keep[i]]
+            if suffix and input_ids[i, p : p + r].tolist() != side.response_ids:
+                raise ValueError(f"{type(self.processor).__name__} tokenises the response (its suffix) differently "
+                                 "from the tokenizer, so the response tokens cannot be located.")
             input_ids[i, p : p + r] = torch.tensor(side.response_ids, dtype=torch.long)
             response_mask[i, p : p + r] = True
             for key, value in seq.items():
                 row = value[i][keep[i]]
-                out_seq[key][i, :p] = row
-                out_seq[key][i, p : p + r] = row[-1:]
+                out_seq[key][i, :c] = row
+                if not suffix:
+                    out_seq[key][i, p : p + r] = row[-1:]
         return {"input_ids": input_ids, **out_seq, **encoded, RESPONSE_MASK: response_mask}
 
 
@@ -229,4 +257,11 @@ def check_image_processor_kwargs(processor: Any, kwargs: dict[str, Any]) -> dict
     if unknown:
         raise ValueError(f"--image_processor_kwargs: {type(image_processor).__name__} does not take "
                          f"{unknown}; valid keys: {sorted(valid)}.")
+    # Known keys can still carry values the processor rejects (Qwen's size takes pixel counts, not height and
+    # width): try them on a blank image now rather than fail at the first batch.
+    try:
+        image_processor(images=[Image.new("RGB", (32, 32))], **kwargs)
+    except Exception as err:  # processors raise ValueError, TypeError, KeyError... for bad values
+        raise ValueError(f"--image_processor_kwargs {kwargs}: {type(image_processor).__name__} rejects them: "
+                         f"{err}") from None
     return kwargs

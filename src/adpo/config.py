@@ -51,12 +51,28 @@ class ModelArguments:
                   "language_model), module-name suffixes (q_proj,v_proj) or all-linear. LoRA on a component "
                   "wraps the Linear layers inside it. Default: the language model's Linear layers."},
     )
+    freeze_vision_tower: bool = field(
+        default=False, metadata={"help": "Full fine-tuning: keep the vision tower's weights fixed."}
+    )
+    freeze_mm_projector: bool = field(
+        default=False,
+        metadata={"help": "Full fine-tuning: keep the multimodal projector's weights fixed (the layers that map "
+                  "image features into the language model)."},
+    )
 
     def __post_init__(self) -> None:
         if self.lora_r <= 0:
             raise ValueError(f"--lora_r must be positive, got {self.lora_r}.")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        if self.use_peft and (self.freeze_vision_tower or self.freeze_mm_projector):
+            raise ValueError("--freeze_vision_tower/--freeze_mm_projector are for full fine-tuning. With --use_peft "
+                             "only the LoRA targets train: leave the component out of --lora_target_modules.")
+
+    def frozen_components(self) -> list[str]:
+        """Component names (see adpo.modeling.COMPONENTS) that --freeze_* keep fixed."""
+        return [name for name, on in (("vision_tower", self.freeze_vision_tower),
+                                      ("mm_projector", self.freeze_mm_projector)) if on]
 
 
 @dataclass

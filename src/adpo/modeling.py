@@ -12,26 +12,28 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
-    AutoProcessor,
     AutoTokenizer,
     PreTrainedModel,
 )
 
 from .config import ModelArguments
+from .processing import load_processor
 
 logger = logging.getLogger(__name__)
 
 # Component names users write → where each family keeps that component (module paths relative to the model).
 # The first path that exists in a model wins, so the table is keyed on the model's structure, not its name.
+# A component never includes another component nested inside it (Qwen's merger sits inside model.visual).
+# Verified on transformers 5.24 for every family in adpo.tiny.FAMILIES (tests/test_families.py).
 COMPONENTS: dict[str, tuple[str, ...]] = {
     "vision_tower": (
         "model.vision_model",  # Idefics3 / SmolVLM, Mllama
         "model.vision_tower",  # LLaVA, LLaVA-NeXT, Gemma 3, PaliGemma
-        "model.visual",  # Qwen2-VL, Qwen2.5-VL (includes its merger, see mm_projector)
+        "model.visual",  # Qwen2-VL, Qwen2.5-VL (without its merger, the mm_projector)
     ),
     "mm_projector": (
         "model.connector",  # Idefics3 / SmolVLM
-        "model.multi_modal_projector",  # LLaVA, LLaVA-NeXT, Mllama, Gemma 3, PaliGemma
+        "model.multi_modal_projector",  # LLaVA, LLaVA-NeXT, Mllama (a single Linear), Gemma 3 (no Linear), PaliGemma
         "model.visual.merger",  # Qwen2-VL, Qwen2.5-VL
     ),
     "language_model": (
@@ -59,7 +61,7 @@ def load_model_and_processor(args: ModelArguments) -> tuple[PreTrainedModel, Any
         kwargs["attn_implementation"] = args.attn_implementation
     if is_vision_model(args.model_name_or_path, args.trust_remote_code):
         model = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path, **kwargs)
-        processor = AutoProcessor.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+        processor = load_processor(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     else:
         model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **kwargs)
         processor = AutoTokenizer.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
@@ -90,17 +92,46 @@ def load_reference(args: ModelArguments, model: PreTrainedModel) -> PreTrainedMo
     return ref
 
 
+def component_path(model: nn.Module, name: str) -> str | None:
+    """Where ``model`` keeps component ``name`` (a key of :data:`COMPONENTS`), or None if it has none."""
+    module_names = {n for n, _ in model.named_modules()}
+    return next((p for p in COMPONENTS[name] if p in module_names), None)
+
+
+def component_modules(model: nn.Module, name: str) -> dict[str, nn.Module]:
+    """The modules of component ``name`` (its root included), without other components nested inside it."""
+    path = component_path(model, name)
+    if path is None:
+        raise ValueError(f"{type(model).__name__} has no {name} (looked for {', '.join(COMPONENTS[name])}).")
+    nested = [p for other in COMPONENTS if other != name and (p := component_path(model, other))
+              and p.startswith(path + ".")]
+    return {n: m for n, m in model.named_modules()
+            if (n == path or n.startswith(path + ".")) and not any(n == p or n.startswith(p + ".") for p in nested)}
+
+
 def resolve_components(model: nn.Module, names: list[str]) -> list[str]:
     """Names of the ``nn.Linear`` modules inside the named components (see :data:`COMPONENTS`)."""
-    module_names = dict(model.named_modules())
     targets: list[str] = []
     for name in names:
-        path = next((p for p in COMPONENTS[name] if p in module_names), None)
-        if path is None:
-            raise ValueError(f"{type(model).__name__} has no {name} (looked for {', '.join(COMPONENTS[name])}).")
-        targets.extend(n for n, m in module_names.items()
-                       if isinstance(m, nn.Linear) and n.startswith(path + ".") and n not in targets)
+        targets.extend(n for n, m in component_modules(model, name).items()
+                       if isinstance(m, nn.Linear) and n not in targets)
     return targets
+
+
+def freeze_components(model: nn.Module, names: list[str]) -> int:
+    """Stop training the named components (``--freeze_vision_tower``, ``--freeze_mm_projector``).
+
+    Returns the number of parameters frozen.
+    """
+    frozen = 0
+    for name in names:
+        for module in component_modules(model, name).values():
+            for param in module.parameters(recurse=False):
+                if param.requires_grad:
+                    param.requires_grad_(False)
+                    frozen += param.numel()
+        logger.info("froze %s (%s)", name, component_path(model, name))
+    return frozen
 
 
 def lora_targets(model: nn.Module, spec: str | None) -> list[str] | str:
@@ -109,7 +140,7 @@ def lora_targets(model: nn.Module, spec: str | None) -> list[str] | str:
     Component names become the Linear layers inside them, ``all-linear`` passes through (PEFT then takes Linear
     layers only, never a Conv patch embedding), anything else must be a module-name suffix present in the model.
     """
-    names = [n.strip() for n in (spec or "language_model").split(",") if n.strip()]
+    names = _split(spec)
     if names == ["all-linear"]:
         return "all-linear"
     module_names = [n for n, _ in model.named_modules()]
@@ -121,7 +152,7 @@ def lora_targets(model: nn.Module, spec: str | None) -> list[str] | str:
                                       if isinstance(mod, nn.Linear)})
             raise ValueError(
                 f"--lora_target_modules: {suffix!r} matches no module of {type(model).__name__}. Valid: "
-                f"components {', '.join(c for c in COMPONENTS if _has_component(model, c))}; all-linear; "
+                f"components {', '.join(c for c in COMPONENTS if component_path(model, c))}; all-linear; "
                 f"or Linear-layer names {', '.join(linear_suffixes)}."
             )
     targets = resolve_components(model, components)
@@ -130,20 +161,34 @@ def lora_targets(model: nn.Module, spec: str | None) -> list[str] | str:
     return targets
 
 
-def _has_component(model: nn.Module, name: str) -> bool:
-    module_names = {n for n, _ in model.named_modules()}
-    return any(p in module_names for p in COMPONENTS[name])
+def lora_modules_to_save(model: nn.Module, spec: str | None) -> list[str]:
+    """Named components with no Linear layer for LoRA (Gemma 3's projector): PEFT trains and saves them whole."""
+    return [component_path(model, name) for name in _split(spec) if name in COMPONENTS
+            and not any(isinstance(m, nn.Linear) for m in component_modules(model, name).values())]
+
+
+def _split(spec: str | None) -> list[str]:
+    return [n.strip() for n in (spec or "language_model").split(",") if n.strip()]
 
 
 def apply_lora(model: PreTrainedModel, args: ModelArguments) -> nn.Module:
     """Wrap ``model`` with LoRA adapters per ``--lora_*``."""
     from peft import LoraConfig, get_peft_model
 
+    targets = lora_targets(model, args.lora_target_modules)
+    to_save = lora_modules_to_save(model, args.lora_target_modules)
+    if to_save:
+        logger.info("%s have no Linear layer for LoRA; training them fully (saved with the adapter)", to_save)
+    if not targets:
+        raise ValueError(f"--lora_target_modules {args.lora_target_modules!r} selects no layer LoRA can adapt"
+                         + (f" ({', '.join(to_save)} has no Linear layer)" if to_save else "")
+                         + "; add another component, e.g. language_model.")
     config = LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
-        target_modules=lora_targets(model, args.lora_target_modules),
+        target_modules=targets,
+        modules_to_save=to_save or None,
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, config)

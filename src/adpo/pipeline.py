@@ -10,7 +10,7 @@ from datasets import Dataset
 from .collator import ADPOCollator
 from .config import ADPOConfig, DataArguments, ModelArguments
 from .data import check_multitask_columns, has_images, load_adpo_dataset
-from .modeling import apply_lora, load_model_and_processor, load_reference
+from .modeling import apply_lora, freeze_components, load_model_and_processor, load_reference
 from .trainer import ADPOTrainer
 from .validate import check_output_dir, validate_splits
 
@@ -93,6 +93,8 @@ def build_trainer(
         if column not in train.column_names:
             train = add_length_column(train, collator, column)
     ref_model = None if training_args.reference_free else load_reference(model_args, model)
+    if model_args.frozen_components():
+        freeze_components(model, model_args.frozen_components())
     if model_args.use_peft:
         if training_args.gradient_checkpointing:
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad

@@ -8,8 +8,9 @@ model hub: the tokenizer is a byte-level BPE trained on a few sentences with the
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -192,3 +193,391 @@ def build_tiny_idefics3(
     processor.save_pretrained(path)
     logger.info("wrote a tiny Idefics3 (%d parameters) to %s", model.num_parameters(), path)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One builder per model family. Each mirrors the real checkpoint's tokenizer special tokens, chat template and
+# processor class (with the torchvision-free *Pil image processor), scaled down so a training step takes well
+# under a second on one CPU core: text hidden size 64, 2 layers (1 in vision towers), images of 16-32 pixels.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _text_config(tokenizer: PreTrainedTokenizerFast, hidden_size: int, num_layers: int, **extra: Any) -> dict:
+    """A small Llama-like text config (``extra`` adds or overrides fields, e.g. ``model_type``)."""
+    return {
+        "model_type": "llama",
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 2048,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        **extra,
+    }
+
+
+def _clip_vision(hidden_size: int, image_size: int, patch_size: int) -> dict:
+    return {
+        "model_type": "clip_vision_model",
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": image_size,
+        "patch_size": patch_size,
+        "projection_dim": hidden_size,
+    }
+
+
+def _siglip_vision(hidden_size: int, image_size: int, patch_size: int) -> dict:
+    # No pooling head, as in the real Gemma 3 and PaliGemma towers (they read every patch's hidden state).
+    return {**_clip_vision(hidden_size, image_size, patch_size), "model_type": "siglip_vision_model",
+            "vision_use_head": False}
+
+
+def _save(model: Any, processor: Any, path: Path, family: str) -> Path:
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    logger.info("wrote a tiny %s (%d parameters) to %s", family, model.num_parameters(), path)
+    return path
+
+
+def _tokenizer(
+    specials: list[str], extra_text: Iterable[str], vocab_size: int, **kwargs: Any
+) -> PreTrainedTokenizerFast:
+    return PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(specials, extra_text, vocab_size), **kwargs)
+
+
+# llava-hf/llava-1.5-7b-hf: "USER: <image>\n<text> ASSISTANT:" (images first, then the text).
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}"
+    "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+# llava-hf/llava-v1.6-mistral-7b-hf: "[INST] <image>\n<text> [/INST] <answer></s>".
+LLAVA_NEXT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{{ ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ ' ' + content['text'] }}"
+    "{% endfor %}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+# meta-llama/Llama-3.2-11B-Vision-Instruct (system prompt left out): images as <|image|> in content order.
+MLLAMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<|image|>' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{{ '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+# Qwen/Qwen2-VL-2B-Instruct and Qwen2.5-VL: ChatML with <|vision_start|><|image_pad|><|vision_end|> per image.
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}{% elif content['type'] == 'text' %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# google/gemma-3-4b-it: <start_of_turn>user / model, each image as <start_of_image>.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n' }}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<start_of_image>' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] | trim }}{% endif %}{% endfor %}"
+    "{{ '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+def build_tiny_llava(
+    path: str | Path, *, image_size: int = 16, patch_size: int = 8, hidden_size: int = 64, num_layers: int = 2,
+    vocab_size: int = 400, seed: int = 0, extra_text: Iterable[str] = (),
+) -> Path:
+    """Write a tiny random LLaVA 1.5 (CLIP tower, MLP projector, Llama) and its processor to ``path``.
+
+    Each image is resized and centre-cropped to ``image_size`` pixels: ``(image_size // patch_size) ** 2`` tokens.
+    """
+    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    path = Path(path)
+    specials = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
+    tokenizer = _tokenizer(specials, extra_text, vocab_size, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                           pad_token="<pad>", extra_special_tokens=["<image>"])
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                            crop_size={"height": image_size, "width": image_size})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=LLAVA_CHAT_TEMPLATE)
+    torch.manual_seed(seed)
+    config = LlavaConfig(
+        vision_config=_clip_vision(hidden_size // 2, image_size, patch_size),
+        text_config=_text_config(tokenizer, hidden_size, num_layers),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=(image_size // patch_size) ** 2,
+        vision_feature_layer=-1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return _save(LlavaForConditionalGeneration(config), processor, path, "LLaVA 1.5")
+
+
+def build_tiny_llava_next(
+    path: str | Path, *, image_size: int = 16, patch_size: int = 8, hidden_size: int = 64, num_layers: int = 2,
+    vocab_size: int = 400, seed: int = 0, extra_text: Iterable[str] = (),
+) -> Path:
+    """Write a tiny random LLaVA-NeXT (llava-v1.6-mistral layout) and its processor to ``path``.
+
+    AnyRes: each image becomes a base view plus tiles on the best grid of ``image_size``-pixel cells from
+    (1x2, 2x1, 2x2); its token count depends on its aspect ratio (the processor returns ``image_sizes``).
+    """
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    path = Path(path)
+    specials = ["<unk>", "<s>", "</s>", "<image>", "[INST]", "[/INST]"]
+    tokenizer = _tokenizer(specials, extra_text, vocab_size, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                           pad_token="<unk>", extra_special_tokens=["<image>"])
+    pinpoints = [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=pinpoints,
+    )
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   chat_template=LLAVA_NEXT_CHAT_TEMPLATE)
+    torch.manual_seed(seed)
+    config = LlavaNextConfig(
+        vision_config=_clip_vision(hidden_size // 2, image_size, patch_size),
+        text_config=_text_config(tokenizer, hidden_size, num_layers, model_type="mistral"),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return _save(LlavaNextForConditionalGeneration(config), processor, path, "LLaVA-NeXT")
+
+
+def build_tiny_mllama(
+    path: str | Path, *, image_size: int = 16, patch_size: int = 8, hidden_size: int = 64, num_layers: int = 2,
+    vocab_size: int = 400, max_image_tiles: int = 2, seed: int = 0, extra_text: Iterable[str] = (),
+) -> Path:
+    """Write a tiny random Llama 3.2 Vision (Mllama) and its processor to ``path``.
+
+    Images are split into up to ``max_image_tiles`` tiles of ``image_size`` pixels; the language model reads
+    them through a cross-attention layer (layer 1), so each image is a single ``<|image|>`` token in the text.
+    """
+    from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaImageProcessorPil, MllamaProcessor
+
+    path = Path(path)
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>",
+                "<|image|>", "<|finetune_right_pad_id|>", "<|python_tag|>"]
+    tokenizer = _tokenizer(specials, extra_text, vocab_size, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                           pad_token="<|finetune_right_pad_id|>", extra_special_tokens=["<|image|>"])
+    image_processor = MllamaImageProcessorPil(size={"height": image_size, "width": image_size},
+                                              max_image_tiles=max_image_tiles)
+    processor = MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                chat_template=MLLAMA_CHAT_TEMPLATE)
+    torch.manual_seed(seed)
+    vision_hidden = hidden_size // 2
+    config = MllamaConfig(
+        vision_config={
+            "hidden_size": vision_hidden, "intermediate_size": 2 * vision_hidden, "num_hidden_layers": 1,
+            "num_global_layers": 1, "attention_heads": 2, "image_size": image_size, "patch_size": patch_size,
+            "max_num_tiles": max_image_tiles, "intermediate_layers_indices": [0],
+            "vision_output_dim": 2 * vision_hidden,
+            "supported_aspect_ratios": [[1, 1], [1, 2], [2, 1]][: 1 + 2 * (max_image_tiles > 1)],
+        },
+        text_config=_text_config(tokenizer, hidden_size, num_layers, model_type="mllama_text_model",
+                                 cross_attention_layers=[1]),
+        image_token_index=tokenizer.convert_tokens_to_ids("<|image|>"),
+    )
+    model = MllamaForConditionalGeneration(config)
+    with torch.no_grad():
+        # Gates start at zero, which would hide the images from the text (and the vision tower from every
+        # gradient); a trained checkpoint has them open.
+        for name, param in model.named_parameters():
+            if name.rsplit(".", 1)[-1].endswith("gate"):
+                param.fill_(0.5)
+    return _save(model, processor, path, "Mllama")
+
+
+def _build_tiny_qwen_vl(
+    path: str | Path, version: str, *, patch_size: int = 8, hidden_size: int = 64, num_layers: int = 2,
+    vocab_size: int = 400, min_pixels: int = 16 * 16, max_pixels: int = 32 * 32, seed: int = 0,
+    extra_text: Iterable[str] = (),
+) -> Path:
+    from transformers import Qwen2VLImageProcessorPil
+
+    from .processing import image_only_processor_class
+
+    if version == "2":
+        from transformers import Qwen2VLConfig as Config
+        from transformers import Qwen2VLForConditionalGeneration as Model
+        from transformers import Qwen2VLProcessor as Processor
+    else:
+        from transformers import Qwen2_5_VLConfig as Config
+        from transformers import Qwen2_5_VLForConditionalGeneration as Model
+        from transformers import Qwen2_5_VLProcessor as Processor
+
+    path = Path(path)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>"]
+    tokenizer = _tokenizer(specials, extra_text, vocab_size, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                           extra_special_tokens=specials[3:])
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels,
+                                               patch_size=patch_size, merge_size=2)
+    # Saved exactly as the real processor would be, minus the video processor (it needs torchvision);
+    # adpo.processing.load_processor loads such a folder image-only.
+    processor = image_only_processor_class(Processor)(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN2_VL_CHAT_TEMPLATE
+    )
+    vision = {"depth": 1, "num_heads": 2, "patch_size": patch_size, "spatial_merge_size": 2,
+              "temporal_patch_size": 2}
+    if version == "2":
+        vision |= {"embed_dim": hidden_size // 2, "hidden_size": hidden_size}
+    else:
+        vision |= {"hidden_size": hidden_size // 2, "intermediate_size": hidden_size, "out_hidden_size": hidden_size,
+                   "window_size": 2 * patch_size * 2, "fullatt_block_indexes": [0]}
+    head_dim = hidden_size // 4
+    torch.manual_seed(seed)
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in [
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+    text_type = "qwen2_vl_text" if version == "2" else "qwen2_5_vl_text"
+    third = head_dim // 2 // 3
+    config = Config(
+        vision_config=vision,
+        text_config=_text_config(
+            tokenizer, hidden_size, num_layers, model_type=text_type,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                             "mrope_section": [head_dim // 2 - 2 * third, third, third]},
+        ),
+        **ids,
+    )
+    return _save(Model(config), processor, path, f"Qwen{version}-VL")
+
+
+def build_tiny_qwen2_vl(path: str | Path, **kwargs: Any) -> Path:
+    """Write a tiny random Qwen2-VL and its (image-only) processor to ``path``.
+
+    Images keep their aspect ratio at between 16x16 and 32x32 pixels (``min_pixels``/``max_pixels``): 8-pixel
+    patches merged 2x2, so 1-4 image tokens each, and ``pixel_values`` is one flat (patches, features) tensor.
+    """
+    return _build_tiny_qwen_vl(path, "2", **kwargs)
+
+
+def build_tiny_qwen2_5_vl(path: str | Path, **kwargs: Any) -> Path:
+    """Write a tiny random Qwen2.5-VL and its (image-only) processor to ``path`` (as :func:`build_tiny_qwen2_vl`)."""
+    return _build_tiny_qwen_vl(path, "2.5", **kwargs)
+
+
+def build_tiny_gemma3(
+    path: str | Path, *, image_size: int = 32, patch_size: int = 8, hidden_size: int = 64, num_layers: int = 2,
+    vocab_size: int = 400, mm_tokens_per_image: int = 4, seed: int = 0, extra_text: Iterable[str] = (),
+) -> Path:
+    """Write a tiny random Gemma 3 (SigLIP tower, pooled projector, Gemma 3 text) and its processor to ``path``.
+
+    Each image is resized to ``image_size`` pixels square and pooled to ``mm_tokens_per_image`` tokens.
+    """
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil, Gemma3Processor
+
+    path = Path(path)
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                "<end_of_image>", "<image_soft_token>"]
+    tokenizer = _tokenizer(
+        specials, extra_text, vocab_size, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>",
+        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                              "image_token": "<image_soft_token>"},
+    )
+    image_processor = Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size})
+    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                chat_template=GEMMA3_CHAT_TEMPLATE, image_seq_length=mm_tokens_per_image)
+    torch.manual_seed(seed)
+    config = Gemma3Config(
+        vision_config=_siglip_vision(hidden_size // 2, image_size, patch_size),
+        text_config=_text_config(tokenizer, hidden_size, num_layers, model_type="gemma3_text",
+                                 head_dim=hidden_size // 4, query_pre_attn_scalar=hidden_size // 4,
+                                 sliding_window=64, layer_types=["sliding_attention", "full_attention"][-num_layers:]
+                                 if num_layers <= 2 else None),
+        mm_tokens_per_image=mm_tokens_per_image,
+        boi_token_index=tokenizer.convert_tokens_to_ids("<start_of_image>"),
+        eoi_token_index=tokenizer.convert_tokens_to_ids("<end_of_image>"),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image_soft_token>"),
+    )
+    model = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():
+        # The projection starts at zero, which would blank every image; a trained checkpoint's does not.
+        projection = model.model.multi_modal_projector.mm_input_projection_weight
+        projection.normal_(std=projection.shape[0] ** -0.5)
+    return _save(model, processor, path, "Gemma 3")
+
+
+def build_tiny_paligemma(
+    path: str | Path, *, image_size: int = 16, patch_size: int = 8, hidden_size: int = 64, num_layers: int = 2,
+    vocab_size: int = 400, seed: int = 0, extra_text: Iterable[str] = (),
+) -> Path:
+    """Write a tiny random PaliGemma (SigLIP tower, linear projector, Gemma) and its processor to ``path``.
+
+    PaliGemma has no chat template: the prompt is ``<image>`` per image, BOS, the text and a newline (a prefix
+    that attends bidirectionally); the response is the causal suffix, ending with EOS.
+    """
+    from transformers import (
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        PaliGemmaProcessor,
+        SiglipImageProcessorPil,
+    )
+
+    path = Path(path)
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<image>"]
+    tokenizer = _tokenizer(specials, extra_text, vocab_size, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+                           unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+    image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
+    image_processor.image_seq_length = (image_size // patch_size) ** 2
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    torch.manual_seed(seed)
+    config = PaliGemmaConfig(
+        vision_config=_siglip_vision(hidden_size // 2, image_size, patch_size),
+        text_config=_text_config(tokenizer, hidden_size, num_layers, model_type="gemma", head_dim=hidden_size // 4),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        projection_dim=hidden_size,
+        hidden_size=hidden_size,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return _save(PaliGemmaForConditionalGeneration(config), processor, path, "PaliGemma")
+
+
+# Family name → builder. Names are what tests and the demo pass to build_tiny.
+BUILDERS: dict[str, Callable[..., Path]] = {
+    "idefics3": build_tiny_idefics3,
+    "llava": build_tiny_llava,
+    "llava_next": build_tiny_llava_next,
+    "mllama": build_tiny_mllama,
+    "qwen2_vl": build_tiny_qwen2_vl,
+    "qwen2_5_vl": build_tiny_qwen2_5_vl,
+    "gemma3": build_tiny_gemma3,
+    "paligemma": build_tiny_paligemma,
+}
+FAMILIES: tuple[str, ...] = tuple(BUILDERS)
+
+
+def build_tiny(family: str, path: str | Path, **kwargs: Any) -> Path:
+    """Write the tiny random model of ``family`` (one of :data:`FAMILIES`) and its processor to ``path``."""
+    if family not in BUILDERS:
+        raise ValueError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}.")
+    return BUILDERS[family](path, **kwargs)
