@@ -9,9 +9,13 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from datasets import Dataset, DatasetDict, Value, load_dataset, load_from_disk
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+# `datasets` is imported inside the loading functions only: the collator and the trainer import this module, and
+# they must work without it (bench/bench_gpu.py trains from a plain list on a machine that has no `datasets`).
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +42,8 @@ def load_adpo_dataset(
 
     Image paths in local files are made absolute (they are relative to the file's folder).
     """
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
     path = Path(name)
     image_root: str | None = None
     if path.is_file():
@@ -86,6 +92,8 @@ def _absolute_image_paths(dataset: Dataset, root: str) -> Dataset:
 
 
 def _stores_paths(feature: Any) -> bool:
+    from datasets import Value
+
     inner = getattr(feature, "feature", feature)  # List(Value("string")) or Value("string")
     return isinstance(inner, Value) and inner.dtype in ("string", "large_string")
 

@@ -1,0 +1,853 @@
+"""GPU benchmark: ADPO training throughput of the SmolVLM-Instruct and LLaVA-1.6-Mistral-7B architectures.
+
+Each model is built from its real architecture config (``bench/configs/*.json``, no download) with RANDOM weights,
+directly on the device in bf16, with a processor built locally like the real one (local byte-level BPE tokenizer with
+the family's special tokens and chat template, the family's image processor with the real settings). The model keeps
+its real vocabulary size; the tokenizer's ids are a subset of it, and the config's image-token id is pointed at the
+local tokenizer's ``<image>`` id. Training goes through adpo's real path: ``ADPOCollator`` → ``ADPOTrainer``
+(``ADPOConfig``), the reference from ``adpo.modeling.load_reference``, LoRA from ``adpo.modeling.apply_lora``. The
+rows are a plain Python list of dicts, so ``datasets`` is not needed here.
+
+Runs (``--model all``):
+  smolvlm      SmolVLM-Instruct, full fine-tune, frozen-copy reference, bs 4; one run per ``--smolvlm_split``:
+               ``on`` = the real processor (do_image_splitting, longest edge 1536 = 4 x 384: a 384 x 384 image becomes
+               4 x 4 tiles + 1 global = 17 tiles of 81 tokens), ``off`` = one 384 x 384 tile (81 tokens).
+  llava        LLaVA-1.6-Mistral-7B, LoRA with --use_peft defaults (r 16, alpha 32, the language model's Linear layers),
+               reference = adapters disabled, bs 4, 672 x 672 images (anyres: 2 x 2 tiles + 1 base = 5 tiles of 336,
+               2928 image tokens).
+Both use the seed's flags: --bf16 --gradient_checkpointing --learning_rate 5e-7 --multimodal_mode --separate_images
+(gradient accumulation 1 instead of 8 so that each timed step is one micro-batch; the optimizer step is < 1% here).
+
+Measured per run: ``--warmup`` steps, then ``--steps`` timed optimizer steps (torch.cuda.synchronize at each step
+end; the time includes data loading, the reference forward, the policy forward/backward and the optimizer step).
+Reported: pairs/s (= samples/s, a sample being one ADPO row = 2 sequences), tokens/s (non-pad tokens of the 2B
+policy sequences, image tokens included), peak GPU memory (torch.cuda.max_memory_allocated over the run), MFU.
+
+MFU (model FLOPs utilisation) = model FLOPs per step / step time / peak, peak = 989e12 bf16 dense FLOP/s (H100 SXM
+and H200 datasheet; ``--peak_tflops`` to override). Model FLOPs per step, from an analytic count on one collated
+batch (exact token counts of that batch; every batch is alike). For one forward over the 2B sequences:
+    vision_lin  = tiles · P · 2·W_vis          P patches per tile (729 SigLIP; 577 CLIP incl. CLS),
+                                               W_vis = Σ weight elements of the tower's Linear + Conv layers
+    vision_attn = tiles · 4·L_vis·H_vis·P²     scores + weighted sum, bidirectional
+    proj        = tiles · T_proj · 2·W_proj    T_proj tokens entering the projector per tile (81 / 576)
+    lm_lin      = Σ_rows n_i · 2·W_lm          n_i non-pad tokens of row i (text + image tokens),
+                                               W_lm = Σ Linear weight elements of the decoder layers
+    lm_attn     = Σ_rows 4·L·A·n_i²            A = heads·head_dim; the full n² (Megatron convention; causal
+                                               kernels do about half of it)
+    head        = N_resp · 2·V·H               LM head only at the N_resp positions that predict a response
+                                               token (adpo applies the head there only)
+    lora        = Σ_rows n_i · 2·Σ r·(d_in + d_out)  over the adapted layers (0 without LoRA)
+Backward costs 2x forward for a layer whose weights are trained (input gradient + weight gradient) and 1x for a
+frozen layer that gradients must cross (input gradient only); the attention-score products have no weights, so their
+backward is 2x forward whenever gradients cross them. Nothing before the first trained layer runs backward.
+    full fine-tune, frozen-copy reference:  4 · (vision_lin + vision_attn + proj + lm_lin + lm_attn + head)
+                                           (policy forward + backward = 3x, reference forward = 1x)
+    LoRA on the language model, reference = adapters off:
+        2·(vision_lin + vision_attn + proj) + 3·lm_lin + 4·lm_attn + 3·head + 3·lora
+        (vision and projector: policy + reference forward only; lm_lin: 2 forwards + input gradient; lm_attn:
+         2 forwards + 2x backward; head: 2 forwards + input gradient; lora: forward + input and weight gradients)
+HFU (hardware FLOPs utilisation) adds gradient checkpointing's recomputation: one more forward of the checkpointed
+decoder layers (and, for full fine-tuning, of the vision encoder layers) in the trained path. MFU excludes it.
+
+Run on one H200 (about 3 to 4 minutes for ``--model all``, model builds included):
+    PYTHONPATH=src PYTHONUNBUFFERED=1 python3 bench/bench_gpu.py --model all --json bench_gpu.json
+Check the whole code path on a CPU in under two minutes (scaled-down configs, same processors and vocabularies):
+    PYTHONPATH=src python bench/bench_gpu.py --tiny
+
+Config sources (values checked against public copies of the hub files; no download at run time):
+  * SmolVLM-Instruct (HuggingFaceTB/SmolVLM-Instruct config.json): Idefics3, scale_factor 3, image_token_id 49153,
+    SmolLM2-1.7B text (hidden 2048, 24 layers, 32 heads, 32 kv heads, head_dim 64, intermediate 8192, rope_theta
+    273768, vocab 49155, untied head), SigLIP vision (hidden 1152, 27 layers, 16 heads, intermediate 4304, patch 14,
+    image 384) -- as mirrored in a public Rust test ("Config shape mirrors the released
+    HuggingFaceTB/SmolVLM-Instruct config.json"). Processor: image_seq_len 81, size longest_edge 1536 (4 x 384),
+    max_image_size longest_edge 384, do_image_splitting true, mean/std 0.5 (preprocessor_config.json).
+  * llava-hf/llava-v1.6-mistral-7b-hf config.json: LlavaNext, image_grid_pinpoints [[336,672],[672,336],[672,672],
+    [1008,336],[336,1008]], image_token_index 32000, gelu projector, vision_feature_layer -2, select "default",
+    Mistral-7B-Instruct-v0.2 text (hidden 4096, 32 layers, 32 heads, 8 kv heads, intermediate 14336, rope_theta 1e6,
+    vocab 32064), CLIP ViT-L/14-336 vision (hidden 1024, 24 layers, 16 heads, intermediate 4096) -- as copied in
+    TensorRT-LLM's LLaVA-NeXT modeling test (LLAVA_NEXT_7B_CONFIG, whose comment gives 24 vision layers for the full
+    model) and transformers' LlavaNextConfig defaults. Processor: patch_size 14, num_additional_image_tokens 1,
+    CLIP mean/std, shortest_edge 336, chat template from the hub's chat_template.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+H100_H200_BF16_PEAK = 989e12  # dense bf16 FLOP/s, H100 SXM / H200 datasheet
+SEED_TABLE = {"smolvlm": 3.2, "llava": 2.4}  # samples/s on H100 at bs 4, from the seed README
+
+# SmolVLM-Instruct's chat template (Idefics3): "<|im_start|>User:<image>text<end_of_utterance>\nAssistant:".
+SMOLVLM_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+# llava-hf/llava-v1.6-mistral-7b-hf chat_template.json.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{ '<<SYS>>\n' + message['content'][0]['text'] + '\n<</SYS>>\n\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '[INST] ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{{' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'][0]['text'] + '</s> '}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+
+# ~30-token questions (chosen and rejected differ in one word) and ~40-token responses, as words the local BPE
+# learns whole.
+_QUESTION = ("Look closely at the {colour} {shape} near the {place} of this picture and tell me what kind of "
+             "object it is, how large it looks and where exactly it sits in the scene?")
+_RESPONSE = ("The object is a small round {fruit} with smooth shiny skin resting on a wooden table near the "
+             "{place} edge of the frame, and it looks fresh, ripe and ready to be eaten today by someone who "
+             "is hungry.")
+_WORDS = {
+    "colour": ["red", "green", "blue", "yellow"],
+    "shape": ["circle", "square", "star", "triangle"],
+    "place": ["left", "right", "top", "bottom"],
+    "fruit": ["apple", "orange", "plum", "pear"],
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------- configs
+def load_config(name: str, tiny: bool) -> Any:
+    """The architecture config from ``bench/configs/<name>.json`` (scaled down with ``tiny``)."""
+    from transformers import AutoConfig
+
+    raw = json.loads((CONFIG_DIR / f"{name}.json").read_text())
+    if tiny:
+        _shrink(raw)
+    return AutoConfig.for_model(raw.pop("model_type"), **raw)
+
+
+def _shrink(raw: dict[str, Any]) -> None:
+    """Few layers and narrow widths; image sizes, patch sizes and vocabularies stay real."""
+    raw["text_config"].update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=16)
+    raw["vision_config"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+
+
+# ---------------------------------------------------------------------------------------------------- processors
+def corpus() -> list[str]:
+    """Every question and response the rows use, so the local BPE learns their words whole."""
+    rows = synthetic_rows(16, image_size=8)
+    return [r[k] for r in rows for k in ("chosen", "rejected", "response")]
+
+
+def local_tokenizer(specials: list[str], **tokens: Any) -> Any:
+    from transformers import PreTrainedTokenizerFast
+
+    from adpo.tiny import train_tokenizer
+
+    return PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(specials, corpus(), vocab_size=1000), **tokens)
+
+
+def _pick(family: str, fast: str, pil: str, prefer_fast: bool) -> type:
+    """The torchvision-backed image processor where torchvision is installed (what AutoProcessor picks), else PIL.
+
+    The PIL class is imported from its module: transformers 5.17's lazy top-level name wrongly demands torchvision.
+    """
+    import importlib
+
+    import transformers
+    from transformers.utils import is_torchvision_available
+
+    if prefer_fast and is_torchvision_available():
+        return getattr(transformers, fast)
+    return getattr(importlib.import_module(f"transformers.models.{family}.image_processing_pil_{family}"), pil)
+
+
+def smolvlm_tokenizer() -> Any:
+    """A local BPE with SmolVLM-Instruct's special tokens."""
+    # The processor looks up these tokens when it is built; the real tokenizer spells <global-img> and the
+    # <row_i_col_j> tags in ordinary text tokens (a few more tokens per tile than here).
+    specials = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
+                "<global-img>"] + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+    return local_tokenizer(specials, bos_token="<|im_start|>", eos_token="<end_of_utterance>",
+                           pad_token="<|endoftext|>", unk_token="<|endoftext|>", extra_special_tokens=specials[3:])
+
+
+def smolvlm_processor(split: bool, prefer_fast: bool = True, tokenizer: Any = None) -> Any:
+    """An Idefics3Processor configured like SmolVLM-Instruct's, with a local tokenizer."""
+    from transformers import Idefics3Processor
+
+    tokenizer = tokenizer or smolvlm_tokenizer()
+    image_processor = _pick("idefics3", "Idefics3ImageProcessor", "Idefics3ImageProcessorPil", prefer_fast)(
+        do_resize=True, size={"longest_edge": 4 * 384}, max_image_size={"longest_edge": 384},
+        do_image_splitting=split, image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=Image.Resampling.LANCZOS,
+    )
+    return Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=81,
+                             chat_template=SMOLVLM_CHAT_TEMPLATE)
+
+
+def llava_tokenizer() -> Any:
+    """A local BPE with llava-v1.6-mistral-7b-hf's special tokens."""
+    return local_tokenizer(["<unk>", "<s>", "</s>", "<image>"], bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                           pad_token="<unk>", extra_special_tokens=["<image>"])
+
+
+def llava_processor(grid_pinpoints: list[list[int]], prefer_fast: bool = True, tokenizer: Any = None) -> Any:
+    """A LlavaNextProcessor configured like llava-v1.6-mistral-7b-hf's, with a local tokenizer."""
+    from transformers import LlavaNextProcessor
+
+    tokenizer = tokenizer or llava_tokenizer()
+    image_processor = _pick("llava_next", "LlavaNextImageProcessor", "LlavaNextImageProcessorPil", prefer_fast)(
+        do_resize=True, size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+        image_grid_pinpoints=grid_pinpoints, do_pad=True, resample=Image.Resampling.BICUBIC,
+        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    return LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                              vision_feature_select_strategy="default", chat_template=LLAVA_CHAT_TEMPLATE,
+                              image_token="<image>", num_additional_image_tokens=1)
+
+
+def point_config_at_tokenizer(config: Any, tokenizer: Any) -> None:
+    """Use the local tokenizer's special-token ids; the vocabulary size stays the real one."""
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    if image_id >= config.text_config.vocab_size:
+        raise RuntimeError(f"<image> id {image_id} is outside the model's vocabulary ({config.text_config.vocab_size})")
+    config.image_token_id = image_id  # LLaVA's attribute_map routes this to image_token_index
+    for cfg in (config, config.text_config):
+        cfg.pad_token_id = tokenizer.pad_token_id
+        cfg.bos_token_id = tokenizer.bos_token_id
+        cfg.eos_token_id = tokenizer.eos_token_id
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def synthetic_rows(n: int, image_size: int, seed: int = 0) -> list[dict[str, Any]]:
+    """``n`` ADPO rows: one response, two prompts differing in one colour word, one noise image per side."""
+    gen = torch.Generator().manual_seed(seed)
+    images = [_noise_image(image_size, gen) for _ in range(4)]
+    rows = []
+    for i in range(n):
+        pick = {k: v[(i + j) % len(v)] for j, (k, v) in enumerate(_WORDS.items())}
+        other = _WORDS["colour"][(i + 1) % len(_WORDS["colour"])]
+        rows.append({
+            "response": _RESPONSE.format(**pick),
+            "chosen": _QUESTION.format(**pick),
+            "rejected": _QUESTION.format(**{**pick, "colour": other}),
+            "chosen_images": [images[i % 4]],
+            "rejected_images": [images[(i + 1) % 4]],
+            "_adpo_row": i,
+        })
+    return rows
+
+
+def _noise_image(size: int, gen: torch.Generator) -> Image.Image:
+    pixels = torch.randint(0, 256, (size, size, 3), generator=gen, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy(), mode="RGB")
+
+
+# ---------------------------------------------------------------------------------------------------- FLOPs
+@dataclass
+class Arch:
+    """Weight elements and shapes that the FLOP count needs (measured on the model before LoRA)."""
+
+    vision_w: int
+    vision_layers: int
+    vision_width: int
+    patches_per_tile: int
+    proj_w: int
+    proj_tokens_per_tile: int
+    lm_w: int
+    lm_layers: int
+    lm_attn_width: int
+    head_w: int
+    lora_w: int = 0  # Σ r·(d_in + d_out) over LoRA-adapted layers
+
+
+@dataclass
+class Work:
+    """Token counts of one step's batch (2B sequences)."""
+
+    tiles: int
+    row_tokens: list[int]
+    response_tokens: int
+
+
+def matmul_weights(module: nn.Module) -> int:
+    """Σ weight elements of Linear and Conv layers: a forward costs 2x this per output position."""
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+
+
+def measure_arch(model: nn.Module, family: Family) -> Arch:
+    from adpo.modeling import COMPONENTS
+
+    def component(name: str) -> nn.Module:
+        names = dict(model.named_modules())
+        return names[next(p for p in COMPONENTS[name] if p in names)]
+
+    cfg = model.config
+    vision, text = cfg.vision_config, cfg.text_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    side = vision.image_size // vision.patch_size
+    return Arch(
+        vision_w=matmul_weights(component("vision_tower")),
+        vision_layers=vision.num_hidden_layers,
+        vision_width=vision.hidden_size,
+        patches_per_tile=side * side + family.cls_token,
+        proj_w=matmul_weights(component("mm_projector")),
+        proj_tokens_per_tile=family.proj_tokens(cfg, side),
+        lm_w=matmul_weights(component("language_model")),
+        lm_layers=text.num_hidden_layers,
+        lm_attn_width=text.num_attention_heads * head_dim,
+        head_w=model.get_output_embeddings().weight.numel(),
+    )
+
+
+def forward_flops(arch: Arch, work: Work) -> dict[str, float]:
+    """FLOPs of one forward over the batch, per part (see the module docstring)."""
+    tokens = sum(work.row_tokens)
+    return {
+        "vision_lin": work.tiles * arch.patches_per_tile * 2.0 * arch.vision_w,
+        "vision_attn": work.tiles * 4.0 * arch.vision_layers * arch.vision_width * arch.patches_per_tile**2,
+        "proj": work.tiles * arch.proj_tokens_per_tile * 2.0 * arch.proj_w,
+        "lm_lin": tokens * 2.0 * arch.lm_w,
+        "lm_attn": sum(4.0 * arch.lm_layers * arch.lm_attn_width * n * n for n in work.row_tokens),
+        "head": work.response_tokens * 2.0 * arch.head_w,
+        "lora": tokens * 2.0 * arch.lora_w,
+    }
+
+
+def step_flops(arch: Arch, work: Work, lora: bool, checkpointing: bool) -> tuple[float, float]:
+    """(model FLOPs, hardware FLOPs) of one training step: policy forward + backward and reference forward."""
+    f = forward_flops(arch, work)
+    if lora:
+        model = (2 * (f["vision_lin"] + f["vision_attn"] + f["proj"]) + 3 * f["lm_lin"] + 4 * f["lm_attn"]
+                 + 3 * f["head"] + 3 * f["lora"])
+        recompute = f["lm_lin"] + f["lm_attn"] + f["lora"]
+    else:
+        model = 4 * sum(v for k, v in f.items() if k != "lora")
+        recompute = f["vision_lin"] + f["vision_attn"] + f["lm_lin"] + f["lm_attn"]
+    return model, model + (recompute if checkpointing else 0.0)
+
+
+def idefics3_tiles(batch: dict[str, torch.Tensor], config: Any) -> int:
+    """Tiles the vision tower sees: Idefics3 skips the all-zero padding tiles."""
+    pv = batch["pixel_values"]
+    per_tile = pv.shape[2:].numel()
+    return int(((pv == 0.0).flatten(2).sum(-1) != per_tile).sum())
+
+
+def llava_next_tiles(batch: dict[str, torch.Tensor], config: Any) -> int:
+    """Tiles the vision tower sees: LLaVA-NeXT drops the padding tiles past each image's anyres grid."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    return sum(image_size_to_num_patches(tuple(size.tolist()), config.image_grid_pinpoints,
+                                         config.vision_config.image_size) for size in batch["image_sizes"])
+
+
+@dataclass
+class Family:
+    key: str
+    config_file: str
+    cls_token: int  # 1 when the vision tower prepends a class token (CLIP)
+    proj_tokens: Callable[[Any, int], int]
+    count_tiles: Callable[[dict[str, torch.Tensor], Any], int]
+
+
+FAMILIES = {
+    "smolvlm": Family("smolvlm", "smolvlm_instruct", 0, lambda cfg, side: side * side // cfg.scale_factor**2,
+                      idefics3_tiles),
+    "llava": Family("llava", "llava_v1.6_mistral_7b", 1, lambda cfg, side: side * side, llava_next_tiles),
+}
+
+
+# ---------------------------------------------------------------------------------------------------- timing
+def make_timer_callback(sync: Callable[[], None], warmup: int, max_run_s: float) -> Any:
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        """Wall time at the end of every optimizer step (after a device sync); stops a run that runs long."""
+
+        def __init__(self) -> None:
+            self.ends: list[float] = []
+            self.start = 0.0
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            sync()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            sync()
+            self.ends.append(time.perf_counter())
+            timed = len(self.ends) - warmup
+            if timed >= 2 and self.ends[-1] - self.start > max_run_s:
+                log(f"run time cap {max_run_s:.0f}s reached after {timed} timed steps; stopping this run")
+                control.should_training_stop = True
+
+    return StepTimer()
+
+
+@dataclass
+class RunResult:
+    name: str
+    status: str = "ok"
+    error: str = ""
+    batch_size: int = 0
+    steps_timed: int = 0
+    s_per_step: float = float("nan")
+    pairs_per_s: float = float("nan")
+    tokens_per_s: float = float("nan")
+    tokens_per_seq: float = 0.0
+    image_tokens_per_seq: float = 0.0
+    response_tokens_per_seq: float = 0.0
+    tiles_per_step: int = 0
+    padded_len: int = 0
+    model_tflop_per_step: float = 0.0
+    hw_tflop_per_step: float = 0.0
+    mfu: float = float("nan")
+    hfu: float = float("nan")
+    peak_mem_gb: float = float("nan")
+    weights_mem_gb: float = float("nan")
+    params: int = 0
+    trainable_params: int = 0
+    collate_s: float = float("nan")
+    build_s: float = float("nan")
+    train_loss: float = float("nan")
+    flops_by_part: dict[str, float] = field(default_factory=dict)
+    seed_samples_per_s: float = float("nan")
+
+
+# ---------------------------------------------------------------------------------------------------- device
+class Device:
+    def __init__(self, plan: bool, peak_tflops: float | None) -> None:
+        self.cuda = torch.cuda.is_available() and not plan
+        self.type = "meta" if plan else "cuda" if self.cuda else "cpu"
+        self.name = torch.cuda.get_device_name(0) if self.cuda else platform.processor() or "cpu"
+        self.peak = peak_tflops * 1e12 if peak_tflops else self._datasheet_peak()
+
+    def _datasheet_peak(self) -> float | None:
+        if self.cuda and any(k in self.name for k in ("H100", "H200")) and "PCIe" not in self.name:
+            return H100_H200_BF16_PEAK
+        return None
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+    def allocated_gb(self) -> float:
+        return torch.cuda.memory_allocated() / 2**30 if self.cuda else float("nan")
+
+    def peak_gb(self) -> float:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() / 2**30
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # CPU: process max RSS, for information
+
+    def free(self) -> None:
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+    def matmul_tflops(self) -> float | None:
+        """bf16 8192³ matmul rate, the achievable ceiling to read MFU against."""
+        if not self.cuda:
+            return None
+        a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        for _ in range(3):
+            a @ b
+        self.sync()
+        t = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        self.sync()
+        rate = 10 * 2 * 8192**3 / (time.perf_counter() - t) / 1e12
+        del a, b
+        self.free()
+        return rate
+
+
+# ---------------------------------------------------------------------------------------------------- one run
+@dataclass
+class RunSpec:
+    name: str
+    family: Family
+    lora: bool
+    processor: Any
+    image_size: int
+
+
+def build_model(config: Any, dtype: torch.dtype, device: Device, attn: str | None) -> nn.Module:
+    """Random weights, created directly on the device in ``dtype``."""
+    from transformers import AutoModelForImageTextToText
+
+    kwargs = {"attn_implementation": attn} if attn else {}
+    with torch.device(device.type):
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype, **kwargs)
+    return model
+
+
+def measure_work(collator: Any, rows: list[dict[str, Any]], family: Family, config: Any) -> tuple[Work, dict, float]:
+    """Collate one batch twice (the second call is timed); its token counts give the step's work."""
+    collator(rows)
+    t = time.perf_counter()
+    batch = collator(rows)
+    collate_s = time.perf_counter() - t
+    work = Work(
+        tiles=family.count_tiles(batch, config),
+        row_tokens=batch["attention_mask"].sum(1).tolist(),
+        response_tokens=int(batch["response_mask"].sum()),
+    )
+    return work, batch, collate_s
+
+
+def train_args(args: argparse.Namespace, out_dir: str, total_steps: int, device: Device) -> Any:
+    from adpo import ADPOConfig
+
+    return ADPOConfig(
+        output_dir=out_dir,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=5e-7,
+        max_steps=total_steps,
+        bf16=args.bf16,
+        gradient_checkpointing=not args.no_gradient_checkpointing,
+        logging_steps=total_steps,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=args.workers,
+        seed=0,
+        use_cpu=not device.cuda,
+    )
+
+
+def plan_one(spec: RunSpec, model: nn.Module, arch: Arch, args: argparse.Namespace,
+             result: RunResult) -> tuple[list[dict[str, Any]], Any, Work, float, float]:
+    """Rows, collator and one collated batch's work and FLOPs; fills the work fields of ``result``."""
+    from adpo import ADPOCollator
+
+    rows = synthetic_rows(args.batch_size * (args.warmup + args.steps), spec.image_size)
+    collator = ADPOCollator(spec.processor, multimodal=True, separate_images=True)
+    work, batch, result.collate_s = measure_work(collator, rows[: args.batch_size], spec.family, model.config)
+    _describe_work(result, work, batch, model.config, args.batch_size)
+    model_flops, hw_flops = step_flops(arch, work, spec.lora, not args.no_gradient_checkpointing)
+    result.model_tflop_per_step, result.hw_tflop_per_step = model_flops / 1e12, hw_flops / 1e12
+    result.flops_by_part = {k: v / 1e12 for k, v in forward_flops(arch, work).items()}
+    result.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return rows, collator, work, model_flops, hw_flops
+
+
+def run_one(spec: RunSpec, model: nn.Module, ref: nn.Module | None, arch: Arch, args: argparse.Namespace,
+            device: Device, result: RunResult) -> None:
+    """Train ``--warmup`` + ``--steps`` steps through ADPOTrainer and fill ``result``."""
+    from adpo import ADPOTrainer
+
+    rows, collator, work, model_flops, hw_flops = plan_one(spec, model, arch, args, result)
+    if args.plan:
+        result.status = "planned"
+        return
+    timer = make_timer_callback(device.sync, args.warmup, args.max_run_s)
+    with tempfile.TemporaryDirectory() as out_dir:
+        trainer = ADPOTrainer(model=model, args=train_args(args, out_dir, args.warmup + args.steps, device),
+                              ref_model=ref, data_collator=collator, train_dataset=rows,
+                              processing_class=spec.processor, callbacks=[timer])
+        device.reset_peak()
+        output = trainer.train()
+        result.peak_mem_gb = device.peak_gb()
+        result.train_loss = float(output.training_loss)
+        del trainer
+    _timing(result, timer.ends, args.warmup, work, model_flops, hw_flops, device)
+
+
+def _describe_work(result: RunResult, work: Work, batch: dict, config: Any, batch_size: int) -> None:
+    rows = len(work.row_tokens)
+    image_tokens = int((batch["input_ids"] == config.image_token_id).sum())
+    result.batch_size = batch_size
+    result.tokens_per_seq = sum(work.row_tokens) / rows
+    result.image_tokens_per_seq = image_tokens / rows
+    result.response_tokens_per_seq = work.response_tokens / rows
+    result.tiles_per_step = work.tiles
+    result.padded_len = int(batch["input_ids"].shape[1])
+    log(f"{result.name}: batch of {rows} sequences, {result.tokens_per_seq:.0f} tokens/seq "
+        f"({result.image_tokens_per_seq:.0f} image, {result.response_tokens_per_seq:.0f} response), "
+        f"padded to {result.padded_len}, {work.tiles} vision tiles, collate {result.collate_s:.3f}s/batch")
+
+
+def _timing(result: RunResult, ends: list[float], warmup: int, work: Work, model_flops: float, hw_flops: float,
+            device: Device) -> None:
+    timed = len(ends) - warmup
+    if timed < 1:
+        raise RuntimeError(f"only {len(ends)} steps ran; need more than --warmup {warmup}")
+    seconds = (ends[-1] - ends[warmup - 1]) / timed  # warmup >= 1
+    result.steps_timed = timed
+    result.s_per_step = seconds
+    result.pairs_per_s = result.batch_size / seconds
+    result.tokens_per_s = sum(work.row_tokens) / seconds
+    if device.peak:
+        result.mfu = model_flops / seconds / device.peak
+        result.hfu = hw_flops / seconds / device.peak
+
+
+# ---------------------------------------------------------------------------------------------------- families
+@dataclass
+class Built:
+    """One family's model (built once, shared by its runs), reference, FLOP-count shapes and run specs."""
+
+    model: nn.Module
+    ref: nn.Module | None
+    arch: Arch
+    specs: list[RunSpec]
+    build_s: float
+    params: int
+
+
+def build_family(key: str, args: argparse.Namespace, device: Device) -> Built:
+    family = FAMILIES[key]
+    config = load_config(family.config_file, args.tiny)
+    tokenizer = smolvlm_tokenizer() if key == "smolvlm" else llava_tokenizer()  # shared by the family's runs
+    specs = [_checked_spec(key, variant, config, tokenizer, args) for variant in _variants(key, args)]
+    point_config_at_tokenizer(config, tokenizer)
+    start = time.perf_counter()
+    dtype = torch.bfloat16 if args.weights == "bf16" else torch.float32
+    model, ref, arch = _build(config, family, specs[0].lora, dtype, device, args)
+    device.sync()
+    built = Built(model, ref, arch, specs, time.perf_counter() - start, sum(p.numel() for p in model.parameters()))
+    log(f"{key}: built {built.params / 1e9:.3f}B parameters on {device.type} ({args.weights}) in "
+        f"{built.build_s:.1f}s; {device.allocated_gb():.1f} GiB allocated")
+    return built
+
+
+def _variants(key: str, args: argparse.Namespace) -> list[bool]:
+    """SmolVLM: image splitting on and/or off; LLaVA: one run."""
+    if key == "smolvlm":
+        return {"on": [True], "off": [False], "both": [True, False]}[args.smolvlm_split]
+    return [True]
+
+
+def _checked_spec(key: str, variant: bool, config: Any, tokenizer: Any, args: argparse.Namespace) -> RunSpec:
+    """The run's spec, its processor checked on one row; a failing torchvision processor falls back to PIL."""
+    from adpo import ADPOCollator
+
+    family = FAMILIES[key]
+    for prefer_fast in ([True, False] if args.image_processor == "auto" else [False]):
+        try:
+            if key == "smolvlm":
+                spec = RunSpec(f"smolvlm split={'on' if variant else 'off'} full-FT", family, False,
+                               smolvlm_processor(variant, prefer_fast, tokenizer), 384)
+            else:
+                spec = RunSpec("llava-next-7b LoRA", family, True,
+                               llava_processor(config.image_grid_pinpoints, prefer_fast, tokenizer),
+                               args.llava_image_size)
+            ADPOCollator(spec.processor, multimodal=True)(synthetic_rows(1, spec.image_size))
+        except Exception:  # noqa: BLE001 - fall back to the PIL processor, and say so
+            if not prefer_fast:
+                raise
+            log(f"{key}: the torchvision image processor failed, using the PIL one:\n{traceback.format_exc()}")
+            continue
+        log(f"{spec.name}: {type(spec.processor.image_processor).__name__}")
+        return spec
+    raise AssertionError("unreachable")
+
+
+def _build(config: Any, family: Family, lora: bool, dtype: torch.dtype, device: Device,
+           args: argparse.Namespace) -> tuple[nn.Module, nn.Module | None, Arch]:
+    """The policy (LoRA-wrapped for LoRA runs), its reference (None for LoRA) and the FLOP-count shapes."""
+    from adpo import ModelArguments
+    from adpo.modeling import apply_lora, load_reference
+
+    model = build_model(config, dtype, device, args.attn)
+    arch = measure_arch(model, family)
+    model_args = ModelArguments(use_peft=lora)
+    ref = load_reference(model_args, model)  # a frozen deep copy; None with LoRA (adapters off = reference)
+    checkpointing = not args.no_gradient_checkpointing
+    if lora:
+        if checkpointing and args.input_grads == "all":
+            model.enable_input_require_grads()  # as adpo.pipeline.build_trainer does
+        elif checkpointing:
+            # Only the text embeddings: transformers' enable_input_require_grads also hooks the vision tower's patch
+            # embedding, which makes the frozen tower run a backward pass (and recompute under checkpointing).
+            model.get_input_embeddings().register_forward_hook(lambda module, inputs, out: out.requires_grad_(True))
+        model = apply_lora(model, model_args)
+        arch.lora_w = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    if checkpointing:
+        model.config.use_cache = False
+    return model, ref, arch
+
+
+def run_family(key: str, args: argparse.Namespace, device: Device, results: list[RunResult], start: float) -> None:
+    """Build one family and run its runs; an error (OOM included) is recorded and the next run still goes."""
+    if time.perf_counter() - start > args.time_budget_s:
+        results.append(RunResult(key, status="skipped", error=f"time budget {args.time_budget_s:.0f}s spent"))
+        return
+    try:
+        built = build_family(key, args, device)
+    except Exception as err:  # noqa: BLE001 - one family's failure must not lose the other's numbers
+        results.append(_failed(RunResult(f"{key} (build)"), err))
+        device.free()
+        return
+    for spec in built.specs:
+        result = RunResult(spec.name, build_s=built.build_s, seed_samples_per_s=SEED_TABLE[key],
+                           weights_mem_gb=device.allocated_gb(), params=built.params)
+        results.append(result)
+        if time.perf_counter() - start > args.time_budget_s:
+            result.status, result.error = "skipped", f"time budget {args.time_budget_s:.0f}s spent"
+            continue
+        log(f"--- {spec.name}")
+        try:
+            run_one(spec, built.model, built.ref, built.arch, args, device, result)
+            if result.status == "planned":
+                at_half = result.model_tflop_per_step / (0.5 * H100_H200_BF16_PEAK / 1e12)
+                log(f"{result.name}: {result.model_tflop_per_step:.1f} model TFLOP/step "
+                    f"({result.hw_tflop_per_step:.1f} with recomputation); at 50% MFU on an H100/H200: "
+                    f"{at_half:.3f} s/step = {result.batch_size / at_half:.2f} pairs/s")
+                continue
+            log(f"{result.name}: {result.s_per_step:.3f} s/step, {result.pairs_per_s:.2f} pairs/s, "
+                f"{result.tokens_per_s:.0f} tokens/s, MFU {_pct(result.mfu)}, peak {result.peak_mem_gb:.1f} GiB")
+        except Exception as err:  # noqa: BLE001
+            _failed(result, err)
+        built.model.zero_grad(set_to_none=True)  # an OOM mid-backward leaves gradients behind
+        device.free()
+    del built
+    device.free()
+    log(f"{key}: done; {device.allocated_gb():.2f} GiB still allocated")
+
+
+def _failed(result: RunResult, err: Exception) -> RunResult:
+    result.status = "OOM" if isinstance(err, torch.cuda.OutOfMemoryError) else "error"
+    result.error = f"{type(err).__name__}: {str(err)[:300]}"
+    log(f"{result.name} failed:\n{traceback.format_exc()}")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def run_all(args: argparse.Namespace) -> list[RunResult]:
+    device = Device(args.plan, args.peak_tflops)
+    env = environment(device)
+    log("environment: " + json.dumps(env))
+    if device.cuda:
+        env["matmul_tflops"] = device.matmul_tflops()
+        log(f"bf16 8192^3 matmul: {env['matmul_tflops']:.0f} TFLOP/s")
+    keys = ["smolvlm", "llava"] if args.model == "all" else [args.model]
+    results: list[RunResult] = []
+    start = time.perf_counter()
+    for key in keys:
+        run_family(key, args, device, results, start)
+        report(results, env, args)
+    log(f"total {time.perf_counter() - start:.0f}s")
+    return results
+
+
+def environment(device: Device) -> dict[str, Any]:
+    import accelerate
+    import transformers
+
+    try:
+        import peft
+
+        peft_version = peft.__version__
+    except ImportError:
+        peft_version = None
+    return {
+        "device": device.name, "peak_tflops": device.peak / 1e12 if device.peak else None, "torch": torch.__version__,
+        "cuda": torch.version.cuda, "transformers": transformers.__version__, "accelerate": accelerate.__version__,
+        "peft": peft_version, "python": platform.python_version(), "datasets_imported": "datasets" in sys.modules,
+    }
+
+
+def _pct(x: float) -> str:
+    return "n/a" if x != x else f"{100 * x:.1f}%"
+
+
+def report(results: list[RunResult], env: dict[str, Any], args: argparse.Namespace) -> None:
+    """Print the table (and write the JSON) of everything measured so far."""
+    header = (f"{'run':<28} {'status':<7} {'bs':>3} {'tok/seq':>8} {'img/seq':>8} {'s/step':>7} {'pairs/s':>8} "
+              f"{'seed':>5} {'tokens/s':>9} {'TFLOP/st':>9} {'MFU':>6} {'HFU':>6} {'peak GiB':>9}")
+    lines = [header, "-" * len(header)]
+    for r in results:
+        lines.append(f"{r.name:<28} {r.status:<7} {r.batch_size:>3} {r.tokens_per_seq:>8.0f} "
+                     f"{r.image_tokens_per_seq:>8.0f} {r.s_per_step:>7.3f} {r.pairs_per_s:>8.2f} "
+                     f"{r.seed_samples_per_s:>5.1f} {r.tokens_per_s:>9.0f} {r.model_tflop_per_step:>9.2f} "
+                     f"{_pct(r.mfu):>6} {_pct(r.hfu):>6} {r.peak_mem_gb:>9.2f}")
+        if r.error:
+            lines.append(f"    {r.error}")
+    peak = env.get("peak_tflops")
+    lines.append(f"device: {env['device']}; MFU/HFU against {peak} TFLOP/s bf16 dense" if peak else
+                 f"device: {env['device']}; no peak known (pass --peak_tflops) so MFU is n/a")
+    if env.get("matmul_tflops"):
+        lines.append(f"measured bf16 matmul ceiling: {env['matmul_tflops']:.0f} TFLOP/s")
+    print("\n".join(lines), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"env": env, "args": vars(args),
+                                               "results": [asdict(r) for r in results]}, indent=1, default=str))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", choices=["smolvlm", "llava", "all"], default="all")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per run (default 8; 1 with --tiny)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; 1 with --tiny)")
+    p.add_argument("--batch_size", type=int, default=None, help="pairs per step (default 4; 1 with --tiny)")
+    p.add_argument("--smolvlm_split", choices=["on", "off", "both"], default="both",
+                   help="SmolVLM image splitting: on = the real processor (17 tiles for 384x384), off = 1 tile")
+    p.add_argument("--llava_image_size", type=int, default=672, help="square image side for LLaVA-NeXT rows")
+    p.add_argument("--weights", choices=["bf16", "fp32"], default="bf16", help="dtype the random weights are built in")
+    p.add_argument("--no_bf16", dest="bf16", action="store_false", help="no bf16 autocast (the seed passes --bf16)")
+    p.add_argument("--no_gradient_checkpointing", action="store_true", help="the seed passes --gradient_checkpointing")
+    p.add_argument("--attn", default=None, help="attn_implementation (default: the model's, sdpa)")
+    p.add_argument("--image_processor", choices=["auto", "pil"], default="auto",
+                   help="auto: the torchvision-backed processor where torchvision is installed, else PIL")
+    p.add_argument("--input_grads", choices=["all", "text"], default="all",
+                   help="LoRA + checkpointing: all = model.enable_input_require_grads() as adpo's pipeline does "
+                   "(also hooks the vision tower, which then runs backward); text = the text embeddings only")
+    p.add_argument("--workers", type=int, default=None, help="dataloader workers (default 8 on GPU, 0 on CPU)")
+    p.add_argument("--peak_tflops", type=float, default=None, help="peak bf16 TFLOP/s for MFU (default: H100/H200 989)")
+    p.add_argument("--max_run_s", type=float, default=75.0, help="stop a run's timed steps after this long")
+    p.add_argument("--time_budget_s", type=float, default=240.0,
+                   help="runs not started this many seconds after the start are skipped")
+    p.add_argument("--tiny", action="store_true", help="scaled-down configs, for a CPU check of the code path")
+    p.add_argument("--plan", action="store_true",
+                   help="no training: build on the meta device, collate one batch, print tokens and FLOPs per step")
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    args.steps = args.steps if args.steps is not None else (1 if args.tiny else 8)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
+    args.batch_size = args.batch_size or (1 if args.tiny else 4)
+    args.workers = args.workers if args.workers is not None else (8 if torch.cuda.is_available() else 0)
+    if args.warmup < 1 or args.steps < 1:
+        p.error("--warmup and --steps must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.tiny:
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    results = run_all(args)
+    return 0 if results and all(r.status in ("ok", "planned") for r in results) else 1
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())
