@@ -75,11 +75,11 @@ def build_rows(n: int, prompt_words: int, response_words: int, seed: int = 0) ->
     """(TRL rows, adpo rows) with matching text lengths: TRL's prompt/responses are adpo's prompts/response."""
     rng = random.Random(seed)
     trl_rows, adpo_rows = [], []
-    for _ in range(n):
+    for i in range(n):
         p1, p2 = words(rng, prompt_words), words(rng, prompt_words)
         r1, r2 = words(rng, response_words), words(rng, response_words)
         trl_rows.append({"prompt": p1, "chosen": " " + r1, "rejected": " " + r2})
-        adpo_rows.append({"response": " " + r1, "chosen": p1, "rejected": p2})
+        adpo_rows.append({"response": " " + r1, "chosen": p1, "rejected": p2, "_adpo_row": i})
     return trl_rows, adpo_rows
 
 
@@ -129,7 +129,9 @@ def worker(args: argparse.Namespace) -> dict:
         extra = {"precompute_ref_log_probs": True} if args.ref == "precomputed" else {}
         config = ADPOConfig(**common, beta=0.1, **extra)
         collator = ADPOCollator(tokenizer, multimodal=False)
-        trainer = ADPOTrainer(model=model, ref_model=ref, args=config, train_dataset=adpo_rows,
+        from datasets import Dataset
+
+        trainer = ADPOTrainer(model=model, ref_model=ref, args=config, train_dataset=Dataset.from_list(adpo_rows),
                               data_collator=collator, processing_class=tokenizer, callbacks=[Clock()])
         lengths = collator(adpo_rows)["attention_mask"].sum().item() / (2 * len(adpo_rows))
     t_setup = time.perf_counter()
