@@ -5,6 +5,7 @@
 - ADPO_TEST_KILL_AFTER_SAVE=N: SIGKILL this process right after the checkpoint of step N is written.
 - ADPO_TEST_TEXT_ONLY_ROWS=1: a batch whose rows carry no image is collated as text, so in a multimodal run some
   ranks run forwards without pixel_values (what text-only rows in an image dataset produce).
+- After training it prints whether the process group was left initialized (cli.main must tear it down).
 """
 
 from __future__ import annotations
@@ -63,4 +64,8 @@ if __name__ == "__main__":
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     except ImportError:
         pass
-    sys.exit(cli.main(sys.argv[1:]))
+    code = cli.main(sys.argv[1:])
+    import torch.distributed as dist
+
+    print(f"adpo-test: process group left initialized: {dist.is_initialized()}", flush=True)
+    sys.exit(code)

@@ -70,7 +70,9 @@ def launch(cmd: list[str], output_dir: Path, expect_rc: int = 0, **extra_env: st
         pytest.fail(f"hung for {TIMEOUT_S}s (a collective never completed): {' '.join(map(str, cmd))}\n{out[-4000:]}")
     (output_dir.parent / f"{output_dir.name}.log").write_text(out)
     assert proc.returncode == expect_rc, f"exit code {proc.returncode}\n{out[-6000:]}"
-    assert "destroy_process_group() was not called" not in out
+    if str(WORKER) in map(str, cmd) and expect_rc == 0:  # every rank tore its process group down
+        processes = 2 if "torch.distributed.run" in cmd else 1
+        assert out.count("process group left initialized: False") == processes, out[-3000:]
     return subprocess.CompletedProcess(cmd, proc.returncode, out)
 
 
@@ -158,6 +160,14 @@ def text_accumulated(tiny_llama: Path, text_jsonl: Path, tmp_path_factory: pytes
 
 
 @pytest.fixture(scope="module")
+def text_batch2(tiny_llama: Path, text_jsonl: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One process, batch 2."""
+    out = tmp_path_factory.mktemp("runs") / "batch2"
+    launch(single(text_args(tiny_llama, text_jsonl, out, 2, 1)), out)
+    return out
+
+
+@pytest.fixture(scope="module")
 def mixed_accumulated(tiny_idefics3: Path, mixed_jsonl: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One process, accumulation 2, over the mixed rows: the reference for the multimodal DDP and ZeRO runs."""
     out = tmp_path_factory.mktemp("runs") / "mixed_ga"
@@ -168,18 +178,30 @@ def mixed_accumulated(tiny_idefics3: Path, mixed_jsonl: Path, tmp_path_factory: 
 # ---------------------------------------------------------------------------------------------- DDP
 @pytest.mark.slow
 def test_ddp_two_processes_equal_one_process_and_accumulation(
-    tiny_llama: Path, text_jsonl: Path, text_accumulated: Path, tmp_path: Path
+    tiny_llama: Path, text_jsonl: Path, text_batch2: Path, text_accumulated: Path, tmp_path: Path
 ) -> None:
     """2 processes × batch 1 (accelerate + multi_gpu_config.yaml) == 1 × batch 2 == 1 × batch 1 × accumulation 2.
 
     Same random row order in all three (the sampler is seeded, and DDP deals each global batch out by rank).
     """
-    ddp, one = tmp_path / "ddp", tmp_path / "batch2"
+    ddp = tmp_path / "ddp"
     launch(accelerate_multi_gpu(text_args(tiny_llama, text_jsonl, ddp, 1, 1)), ddp)
-    launch(single(text_args(tiny_llama, text_jsonl, one, 2, 1)), one)
-    assert_same_run(ddp, one)
+    assert_same_run(ddp, text_batch2)
     assert_same_run(ddp, text_accumulated)
     assert_learned(ddp, tiny_llama)
+
+
+@pytest.mark.slow
+def test_deepspeed_in_a_plain_python_process_as_the_seed_writes_it(
+    tiny_llama: Path, text_jsonl: Path, text_batch2: Path, tmp_path: Path
+) -> None:
+    """``python train_adpo_multimodal.py --deepspeed configs/deepspeed_zero2.yaml [args]`` with no launcher: one
+    DeepSpeed process (no MPI lookup), equal to the same run without DeepSpeed."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "zero2_single"
+    launch(single([*text_args(tiny_llama, text_jsonl, out, 2, 1), "--deepspeed", "configs/deepspeed_zero2.yaml"]),
+           out)
+    assert_same_run(out, text_batch2)
 
 
 @pytest.mark.slow

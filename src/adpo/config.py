@@ -143,10 +143,10 @@ class ADPOConfig(TrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
 
     def __post_init__(self) -> None:
-        from .distributed import load_deepspeed_config, setup_cpu_deepspeed
+        from .distributed import load_deepspeed_config, prepare_deepspeed_launch
 
         self.deepspeed = load_deepspeed_config(self.deepspeed)  # the seed passes YAML; transformers reads JSON
-        setup_cpu_deepspeed(self)
+        prepare_deepspeed_launch(self)
         super().__post_init__()
         if self.beta <= 0:
             raise ValueError(f"--beta must be positive, got {self.beta}.")

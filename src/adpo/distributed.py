@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,19 +45,28 @@ def load_deepspeed_config(value: str | dict | None) -> str | dict | None:
     return config
 
 
-def setup_cpu_deepspeed(args: Any) -> None:
-    """Let DeepSpeed run on CPU processes (gloo) launched by torchrun: for tests and CPU-only machines.
+def prepare_deepspeed_launch(args: Any) -> None:
+    """Make ``--deepspeed`` work however the script was started; call before ``TrainingArguments`` sets up devices.
 
-    On a machine without GPUs, accelerate finds no backend for a DeepSpeed run and silently counts each process
-    as a world of one (every rank then trains alone on all the data). Initialising the process state here with
-    gloo, before ``TrainingArguments`` sets up devices, and telling it to use that state, gives DeepSpeed the real
-    world. Does nothing with GPUs, without ``--deepspeed`` or outside a multi-process launch.
+    - Plain ``python train_adpo_multimodal.py --deepspeed ...`` (the seed's recipe): DeepSpeed would look for MPI
+      to find its peers; we declare a world of one process instead (several GPUs need a launcher: torchrun,
+      ``deepspeed`` or ``accelerate launch``).
+    - Several CPU processes (tests, CPU-only machines): accelerate finds no backend for DeepSpeed there and
+      silently counts each process as a world of one (every rank would train alone on all the data). We set up
+      the process state over gloo first and tell ``TrainingArguments`` to use it.
     """
-    import os
-
-    if not args.deepspeed or args.use_cpu or torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", 1)) < 2:
+    if not args.deepspeed:
         return
-    if args.accelerator_config not in (None, {}) and not isinstance(args.accelerator_config, dict):
+    if "WORLD_SIZE" not in os.environ:
+        defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": str(_free_port())}
+        for key, value in defaults.items():
+            os.environ.setdefault(key, value)
+        logger.info("DeepSpeed in a single process; launch with torchrun, deepspeed or accelerate launch for more")
+        return
+    if args.use_cpu or torch.cuda.is_available() or int(os.environ["WORLD_SIZE"]) < 2:
+        return
+    if args.accelerator_config is not None and not isinstance(args.accelerator_config, dict):
         return  # the user configured the accelerator from a file: leave it alone
     from accelerate import PartialState
 
@@ -63,6 +74,12 @@ def setup_cpu_deepspeed(args: Any) -> None:
     PartialState(backend="gloo", timeout=args.ddp_timeout_delta)
     args.accelerator_config = {**(args.accelerator_config or {}), "use_configured_state": True}
     logger.info("DeepSpeed on CPU: %d processes over gloo", PartialState().num_processes)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def hidden_size_of(config: Any) -> int | None:
