@@ -5,7 +5,8 @@
 - ADPO_TEST_KILL_AFTER_SAVE=N: SIGKILL this process right after the checkpoint of step N is written.
 - ADPO_TEST_TEXT_ONLY_ROWS=1: a batch whose rows carry no image is collated as text, so in a multimodal run some
   ranks run forwards without pixel_values (what text-only rows in an image dataset produce).
-- After training it prints whether the process group was left initialized (cli.main must tear it down).
+- It prints how the reference model was placed, and after training whether the process group was left
+  initialized (cli.main must tear it down).
 """
 
 from __future__ import annotations
@@ -47,8 +48,22 @@ class TextOnlyRowsCollator:
         return self.text(rows)
 
 
+def describe_reference(trainer: Any) -> str:
+    """How the frozen reference was placed: wrapper type, train/eval mode, and (ZeRO-3) this rank's share."""
+    ref = trainer.ref_model
+    if ref is None:
+        return "none"
+    module = getattr(ref, "module", ref)
+    params = list(module.parameters())
+    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+    grads = any(p.requires_grad for p in params)
+    return f"{type(ref).__name__} training={module.training} requires_grad={grads} elements={local}/{total}"
+
+
 def build_trainer(*args: Any, **kwargs: Any) -> Any:
     trainer, processor = _build_trainer(*args, **kwargs)
+    print(f"adpo-test: rank {trainer.args.process_index} reference {describe_reference(trainer)}", flush=True)
     if os.environ.get("ADPO_TEST_KILL_AFTER_SAVE"):
         trainer.add_callback(KillAfterSave(int(os.environ["ADPO_TEST_KILL_AFTER_SAVE"])))
     if os.environ.get("ADPO_TEST_TEXT_ONLY_ROWS"):

@@ -111,6 +111,11 @@ def assert_same_run(a: Path, b: Path, atol: float = 1e-5) -> None:
     assert worst <= atol, f"weights differ by {worst}"
 
 
+def reference_placements(log: str) -> list[str]:
+    """What dist_worker.py printed about the reference model, one line per rank."""
+    return sorted(line.split(" reference ", 1)[1] for line in log.splitlines() if "adpo-test: rank" in line)
+
+
 def assert_learned(output_dir: Path, initial: Path) -> None:
     """Step 1 loss is exactly log 2 (policy == reference), later ones move, and the weights changed."""
     losses = step_losses(output_dir)
@@ -212,8 +217,15 @@ def test_ddp_multimodal_rows_with_different_image_counts_and_text_only_rows(
     vision tower (on a dummy image, zero contribution), so the gradient all-reduce completes, and the run equals
     one process with accumulation 2 (where no dummy is used)."""
     ddp = tmp_path / "ddp"
-    launch(torchrun([*mixed_args(tiny_idefics3, mixed_jsonl, ddp), "--use_cpu", "--ddp_find_unused_parameters",
-                     "false"]), ddp, ADPO_TEST_TEXT_ONLY_ROWS="1")
+    log = launch(torchrun([*mixed_args(tiny_idefics3, mixed_jsonl, ddp), "--use_cpu",
+                           "--ddp_find_unused_parameters", "false"]), ddp, ADPO_TEST_TEXT_ONLY_ROWS="1").stdout
+    # The frozen reference is on each rank whole, unwrapped (no DDP: nothing to all-reduce), in eval mode.
+    placements = reference_placements(log)
+    assert len(placements) == 2
+    for placement in placements:
+        name, training, grads, elements = placement.split()
+        assert name == "Idefics3ForConditionalGeneration" and training == "training=False"
+        assert grads == "requires_grad=False" and elements.split("=")[1].split("/")[0] == elements.split("/")[1]
     assert_same_run(ddp, mixed_accumulated)
     assert_learned(ddp, tiny_idefics3)
 
@@ -232,8 +244,15 @@ def test_deepspeed_multimodal_mixed_images_match_single_process(
     """
     pytest.importorskip("deepspeed")
     out = tmp_path / f"zero{stage}"
-    launch(torchrun([*mixed_args(tiny_idefics3, mixed_jsonl, out), "--deepspeed",
-                     f"configs/deepspeed_zero{stage}.yaml"]), out, ADPO_TEST_TEXT_ONLY_ROWS="1")
+    log = launch(torchrun([*mixed_args(tiny_idefics3, mixed_jsonl, out), "--deepspeed",
+                           f"configs/deepspeed_zero{stage}.yaml"]), out, ADPO_TEST_TEXT_ONLY_ROWS="1").stdout
+    # The reference is a DeepSpeed engine in eval mode; ZeRO-3 shards it (each rank holds about half).
+    for placement in reference_placements(log):
+        name, training, grads, elements = placement.split()
+        assert (name, training, grads) == ("DeepSpeedEngine", "training=False", "requires_grad=False")
+        local, total = map(int, elements.split("=")[1].split("/"))
+        assert local < 0.6 * total if stage == 3 else local == total, placement
+    assert len(reference_placements(log)) == 2
     assert_same_run(out, mixed_accumulated)
     if stage == 3:
         from transformers import AutoModelForImageTextToText
