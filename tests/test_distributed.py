@@ -259,9 +259,9 @@ def test_deepspeed_multimodal_mixed_images_match_single_process(
 
         model = AutoModelForImageTextToText.from_pretrained(out)
         trained = weights(out)
+        assert set(model.state_dict()) == set(trained)  # consolidated: every weight, none left in shards
         for name, param in model.state_dict().items():
-            if name in trained:
-                assert torch.equal(param, trained[name]), name
+            assert torch.equal(param, trained[name]), name
 
 
 @pytest.mark.slow
