@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if training_args.should_log else logging.WARNING,
     )
+    from .distributed import destroy_process_group
     from .pipeline import build_trainer  # heavy imports after argument errors are reported
 
     set_seed(training_args.seed)
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"adpo: trained {result.global_step} steps, final train loss {result.training_loss:.4f}")
         print(f"adpo: saved {'adapter' if model_args.use_peft else 'model'} and processor to "
               f"{training_args.output_dir}")
+    destroy_process_group()  # DDP / DeepSpeed ranks exit cleanly instead of aborting at exit
     return 0
 
 

@@ -224,6 +224,10 @@ class ADPOConfig(TrainingArguments):
                 # The seed's commands pass --bf16; without a GPU they still run, as CPU autocast.
                 logger.warning("no GPU found: --bf16/--fp16 run as mixed precision on the CPU (use_cpu=True)")
                 self.use_cpu = True
+        from .distributed import load_deepspeed_config, prepare_deepspeed_launch
+
+        self.deepspeed = load_deepspeed_config(self.deepspeed)  # the seed passes YAML; transformers reads JSON
+        prepare_deepspeed_launch(self)
         super().__post_init__()
         if self.beta <= 0:
             raise ValueError(f"--beta must be positive, got {self.beta}.")

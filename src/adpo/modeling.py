@@ -15,6 +15,7 @@ from transformers import (
     AutoTokenizer,
     PreTrainedModel,
 )
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from .config import ModelArguments
 from .processing import load_processor
@@ -79,12 +80,14 @@ def load_reference(args: ModelArguments, model: PreTrainedModel) -> PreTrainedMo
     Returns None with ``--use_peft``: the reference is then the policy with its adapters disabled.
     Call before LoRA is applied, so the copy holds the initial weights.
     """
-    if args.ref_model_name_or_path:
-        ref_args = copy.copy(args)
-        ref_args.model_name_or_path = args.ref_model_name_or_path
-        ref, _ = load_model_and_processor(ref_args)
-    elif args.use_peft:
+    if args.use_peft and not args.ref_model_name_or_path:
         return None
+    if args.ref_model_name_or_path or is_deepspeed_zero3_enabled():
+        # Under ZeRO-3 the policy's weights are already sharded at load time and cannot be deep-copied: load the
+        # reference again so DeepSpeed shards it too.
+        ref_args = copy.copy(args)
+        ref_args.model_name_or_path = args.ref_model_name_or_path or args.model_name_or_path
+        ref, _ = load_model_and_processor(ref_args)
     else:
         ref = copy.deepcopy(model)
     ref.eval()
