@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One device session on a GPU machine (H100/H200): every GPU measurement the README reports, in one go.
+# Wheels in .whl/ (carried) bring what the GPU image lacks: datasets, dill, multiprocess, trl, transformers==5.24.0.
+#   run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=600)
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD/src:${PYTHONPATH:-}" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+    PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+echo "=== bench_gpu (SmolVLM-Instruct full FT, LLaVA-1.6-Mistral-7B LoRA)"
+timeout 330 python3 bench/bench_gpu.py --model all --time_budget_s 250 --json "$OUT/bench_gpu.json" \
+    > "$OUT/bench_gpu.log" 2>&1
+echo "exit $?"; grep -v "it/s\]" "$OUT/bench_gpu.log" | tail -25
+echo "=== bench_trl on cuda (adpo vs TRL DPOTrainer, equal work)"
+timeout 130 python3 bench/bench_trl.py --device cuda --models big --hidden_size 1024 --num_layers 8 \
+    --refs live precomputed --steps 4 --warmup 2 --repeats 1 --batch_size 8 --threads 8 > "$OUT/bench_trl.log" 2>&1
+echo "exit $?"; tail -8 "$OUT/bench_trl.log"
+echo "=== scale-out checks (FSDP, FSDP+LoRA, DDP config) on one GPU"
+OUT="$OUT" timeout 120 bash tests/gpu/scaleout_check.sh > "$OUT/scaleout.log" 2>&1
+echo "exit $?"; grep -E "PASS|FAIL|losses" "$OUT/scaleout.log" | tail -10
