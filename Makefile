@@ -12,7 +12,8 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_PIN)"
-	$(BIN)/pip install -q -e ".[dev,plots]" "$(TORCH_PIN)"
+	# DS_BUILD_OPS=0: DeepSpeed installs without compiling kernels (the CPU tests need none).
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -e ".[dev,plots,deepspeed]" "$(TORCH_PIN)"
 	touch $@
 
 demo: $(BIN)/.installed

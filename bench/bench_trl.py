@@ -98,7 +98,7 @@ def worker(args: argparse.Namespace) -> dict:
     common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size,
                   max_steps=args.steps + args.warmup, learning_rate=1e-6, logging_steps=10**6, report_to="none",
                   save_strategy="no", use_cpu=not cuda, bf16=cuda, dataloader_num_workers=0, seed=0,
-                  disable_tqdm=True)
+                  disable_tqdm=True, gradient_checkpointing=args.gradient_checkpointing)  # TRL defaults it to True
 
     step_times: list[float] = []
 
@@ -135,6 +135,13 @@ def worker(args: argparse.Namespace) -> dict:
                               data_collator=collator, processing_class=tokenizer, callbacks=[Clock()])
         lengths = collator(adpo_rows)["attention_mask"].sum().item() / (2 * len(adpo_rows))
     t_setup = time.perf_counter()
+    ref_model = getattr(trainer, "ref_model", None)
+    placement = {
+        "policy_dtype": str(next(trainer.model.parameters()).dtype),
+        "policy_device": str(next(trainer.model.parameters()).device),
+        "ref_kept": ref_model is not None,
+        "ref_device": str(next(ref_model.parameters()).device) if ref_model is not None else None,
+    }
     before = PeakRSS.now()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -146,7 +153,7 @@ def worker(args: argparse.Namespace) -> dict:
     if cuda:
         peak = torch.cuda.max_memory_allocated()
         gpu = {"gpu_peak_gb": peak / 2**30, "gpu_step_mem_gb": (peak - gpu_before) / 2**30}
-    return {**gpu,
+    return {**gpu, **placement,
         "trainer": args.trainer, "ref": args.ref, "model": args.model,
         "pairs_per_s": args.batch_size * len(timed) / sum(timed),
         "step_s": sum(timed) / len(timed),
@@ -189,7 +196,8 @@ def compare(args: argparse.Namespace) -> None:
                            "--steps", str(args.steps), "--warmup", str(args.warmup),
                            "--batch_size", str(args.batch_size), "--prompt_words", str(args.prompt_words),
                            "--response_words", str(args.response_words), "--threads", str(args.threads),
-                           "--device", args.device]
+                           "--device", args.device] + (["--gradient_checkpointing"] if args.gradient_checkpointing
+                                                       else [])
                     r = run_worker(cli)
                     best = results.get(trainer)
                     if best is None or r["pairs_per_s"] > best["pairs_per_s"]:
@@ -198,6 +206,9 @@ def compare(args: argparse.Namespace) -> None:
             rows.append((kind, ref, t, a))
             print(f"[{kind}/{ref}] tokens/seq trl {t['tokens_per_sequence']} adpo {a['tokens_per_sequence']}",
                   flush=True)
+            for r in (t, a):
+                print(f"  {r['trainer']}: policy {r['policy_dtype']} on {r['policy_device']}, reference kept "
+                      f"{r['ref_kept']} on {r['ref_device']}, step {r['step_s']:.3f}s", flush=True)
     print("\n| model | reference | TRL pairs/s | adpo pairs/s | speed ratio | TRL step mem GB | adpo step mem GB "
           "| mem ratio | TRL peak RSS GB | adpo peak RSS GB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -207,7 +218,8 @@ def compare(args: argparse.Namespace) -> None:
         print(f"| {kind} | {ref} | {t['pairs_per_s']:.3f} | {a['pairs_per_s']:.3f} | "
               f"{a['pairs_per_s'] / t['pairs_per_s']:.2f}x | {t[mem]:.3f} | {a[mem]:.3f} | "
               f"{a[mem] / max(t[mem], 1e-9):.2f}x | {t[peak]:.2f} | {a[peak]:.2f} |")
-    print(f"(device {args.device}; memory columns: {mem}, {peak})")
+    print(f"(device {args.device}; gradient checkpointing {'on' if args.gradient_checkpointing else 'off'} for both; "
+          f"memory columns: {mem}, {peak})")
 
 
 def vocab_memory(args: argparse.Namespace) -> None:
@@ -244,6 +256,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--vocab", action="store_true", help="step memory vs vocabulary size")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="both trainers (equal work)")
     parser.add_argument("--hidden_size", type=int, help="override the 'big' model's hidden size")
     parser.add_argument("--num_layers", type=int, help="override the 'big' model's layer count")
     args = parser.parse_args()

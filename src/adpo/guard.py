@@ -31,36 +31,38 @@ class NonFiniteGuard(TrainerCallback):
 
     def __init__(self, model_getter: Any) -> None:
         self.model_getter = model_getter
-        self.window_rows: list[int] = []
-        self.window_loss_finite = True
+        # Kept as tensors until the optimizer step so recording a micro-batch never waits for the device.
+        self.window_rows: list[torch.Tensor] = []
+        self.window_losses: list[torch.Tensor] = []
         self.skipped_steps: list[tuple[int, list[int]]] = []  # (optimizer step, row ids) of every skipped step
 
     def record(self, loss: torch.Tensor, row_ids: torch.Tensor | None) -> None:
         """Note one micro-batch: its loss (any shape) and its rows' ids (B,)."""
         if row_ids is not None:
-            self.window_rows.extend(int(r) for r in row_ids.reshape(-1).tolist())
-        if not bool(torch.isfinite(loss.detach()).all()):
-            self.window_loss_finite = False
+            self.window_rows.append(row_ids.detach().reshape(-1))
+        self.window_losses.append(loss.detach().reshape(-1))
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         model = self.model_getter()
         params = [p for p in model.parameters() if p.grad is not None]
+        loss_finite = _all_finite(self.window_losses)
         grads_finite = _all_finite([p.grad for p in params])
-        bad = _any_process(not (grads_finite and self.window_loss_finite), args.device)
+        bad = _any_process(not (grads_finite and loss_finite), args.device)
         if bad:
             for p in params:
                 p.grad = None  # the optimizer then leaves these weights and their state alone
-            what = ("loss" if not self.window_loss_finite else "gradients" if not grads_finite
+            rows = torch.cat(self.window_rows).tolist() if self.window_rows else []
+            what = ("loss" if not loss_finite else "gradients" if not grads_finite
                     else "loss or gradients on another process")
             step = state.global_step + 1
             # fp16 loss scaling overflows now and then by design (the scaler then lowers its scale): not a warning.
-            level = logging.INFO if args.fp16 and self.window_loss_finite else logging.WARNING
+            level = logging.INFO if args.fp16 and loss_finite else logging.WARNING
             logger.log(level, "optimizer step %d skipped: non-finite %s; weights unchanged. Rows: %s",
-                       step, what, self.window_rows)
-            self.skipped_steps.append((step, list(self.window_rows)))
-        self.window_rows, self.window_loss_finite = [], True
+                       step, what, rows)
+            self.skipped_steps.append((step, rows))
+        self.window_rows, self.window_losses = [], []
 
 
 def _all_finite(grads: list[torch.Tensor]) -> bool:

@@ -295,8 +295,12 @@ class ADPOTrainer(Trainer):
 
     # ------------------------------------------------------------------ metrics
     def _store(self, metrics: dict[str, torch.Tensor], mode: str) -> None:
-        for key, value in metrics.items():
-            self._metrics[mode][key].append(self.accelerator.gather_for_metrics(value).float().mean().item())
+        """Gather the per-pair metrics of all processes in one collective and one device sync."""
+        pairs = max(v.numel() for v in metrics.values())
+        table = torch.stack([v.detach().float().reshape(-1).expand(pairs) for v in metrics.values()], dim=1)
+        means = self.accelerator.gather_for_metrics(table).mean(0).tolist()  # (B·processes, K) → (K,)
+        for key, value in zip(metrics, means, strict=True):
+            self._metrics[mode][key].append(value)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the metrics averaged since the last log (``eval_``-prefixed during evaluation)."""
