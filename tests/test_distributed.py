@@ -202,7 +202,6 @@ def test_deepspeed_in_a_plain_python_process_as_the_seed_writes_it(
 ) -> None:
     """``python train_adpo_multimodal.py --deepspeed configs/deepspeed_zero2.yaml [args]`` with no launcher: one
     DeepSpeed process (no MPI lookup), equal to the same run without DeepSpeed."""
-    pytest.importorskip("deepspeed")
     out = tmp_path / "zero2_single"
     launch(single([*text_args(tiny_llama, text_jsonl, out, 2, 1), "--deepspeed", "configs/deepspeed_zero2.yaml"]),
            out)
@@ -242,7 +241,6 @@ def test_deepspeed_multimodal_mixed_images_match_single_process(
     ZeRO-3's output was saved consolidated (stage3_gather_16bit_weights_on_model_save) and loads with
     from_pretrained.
     """
-    pytest.importorskip("deepspeed")
     out = tmp_path / f"zero{stage}"
     log = launch(torchrun([*mixed_args(tiny_idefics3, mixed_jsonl, out), "--deepspeed",
                            f"configs/deepspeed_zero{stage}.yaml"]), out, ADPO_TEST_TEXT_ONLY_ROWS="1").stdout
@@ -268,7 +266,6 @@ def test_deepspeed_multimodal_mixed_images_match_single_process(
 def test_peft_reference_is_adapters_off_under_ddp_and_zero3(tiny_llama: Path, text_jsonl: Path, tmp_path: Path) -> None:
     """LoRA, reference = the policy with adapters disabled: under DDP (through the DDP wrapper) and under ZeRO-3
     (sharded). Step 1 has loss log 2 (adapters start at zero), the runs learn, and agree with each other."""
-    pytest.importorskip("deepspeed")
     ddp, zero3 = tmp_path / "ddp_lora", tmp_path / "zero3_lora"
     lora = ["--use_peft", "--lora_dropout", "0"]
     launch(accelerate_multi_gpu([*text_args(tiny_llama, text_jsonl, ddp, 1, 1), *lora]), ddp)
@@ -322,14 +319,21 @@ def test_deepspeed_yaml_configs_load_and_equal_their_json_twins(path: Path) -> N
 
 
 def test_deepspeed_yaml_reaches_training_arguments(tmp_path: Path) -> None:
-    pytest.importorskip("deepspeed")
-    from adpo.cli import parse_args
-
-    *_, args = parse_args(["--output_dir", str(tmp_path), "--deepspeed", "configs/deepspeed_zero2.yaml",
-                           "--per_device_train_batch_size", "3", "--gradient_accumulation_steps", "2"])
-    assert args.hf_deepspeed_config.config["train_micro_batch_size_per_gpu"] == 3
-    assert args.hf_deepspeed_config.config["train_batch_size"] == 6
-    assert args.hf_deepspeed_config.config["zero_optimization"]["stage"] == 2
+    # In a subprocess: --deepspeed sets up a one-process group and its environment, which must not leak into the
+    # test session (later launches would inherit MASTER_PORT while this process still listens on it).
+    code = (
+        "import json, sys; from adpo.cli import parse_args\n"
+        "*_, args = parse_args(sys.argv[1:])\n"
+        "c = args.hf_deepspeed_config.config\n"
+        "print(json.dumps([c['train_micro_batch_size_per_gpu'], c['train_batch_size'], "
+        "c['zero_optimization']['stage']]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, "--output_dir", str(tmp_path), "--deepspeed",
+                           "configs/deepspeed_zero2.yaml", "--per_device_train_batch_size", "3",
+                           "--gradient_accumulation_steps", "2"], capture_output=True, text=True, timeout=240,
+                          cwd=REPO, env=env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [3, 6, 2]
 
 
 def test_bad_deepspeed_yaml_is_a_clear_error(tmp_path: Path) -> None:
