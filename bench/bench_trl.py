@@ -5,9 +5,10 @@ responses (R tokens each) under one prompt (P tokens); adpo scores one response 
 (P tokens each): both run 2·B sequences of P + R tokens per step. The measured token counts are printed.
 
 Each configuration runs in its own subprocess (clean peak memory), in alternating order, and the ratios are
-computed from numbers measured in this one run. Memory on CPU is the peak resident set size (RSS), sampled every
-millisecond; "step memory" is the peak during training minus the RSS just before training (weights, reference
-and data already resident), which is what the training step itself needs.
+computed from numbers measured in this one run. Memory on CPU is the resident set size (RSS), sampled every
+millisecond; "step memory" is the peak during the timed steps minus the RSS when the first timed step starts
+(after warm-up: weights, reference, optimizer state and data already resident), which is what a training step
+itself needs. On CUDA, torch's allocator statistics are used instead.
 
     python bench/bench_trl.py                      # both models, live + precomputed reference (CPU)
     python bench/bench_trl.py --models tiny --steps 3
@@ -30,9 +31,9 @@ import time
 from pathlib import Path
 
 MODELS = {
-    # hidden, layers, heads, vocabulary
-    "big": dict(hidden_size=512, num_layers=4, vocab_size=32000),
-    "tiny": dict(hidden_size=64, num_layers=2, vocab_size=400),
+    # hidden size, layers, model vocabulary (the tokenizer is the same small BPE for all, so tokenisation is equal)
+    "big": dict(hidden_size=512, num_layers=4, model_vocab_size=32000),
+    "tiny": dict(hidden_size=64, num_layers=2, model_vocab_size=400),
 }
 OVERRIDES: dict[str, int | None] = {}
 WORDS = ("what fruit is shown in this image the shape red green blue yellow circle square triangle star left "
@@ -58,7 +59,7 @@ class PeakRSS:
             time.sleep(0.001)
 
     def __enter__(self) -> PeakRSS:
-        self.peak = self.now()
+        self.peak = max(self.peak, self.now())
         self._thread.start()
         return self
 
@@ -95,17 +96,27 @@ def worker(args: argparse.Namespace) -> dict:
     n_rows = args.batch_size * (args.steps + args.warmup)
     trl_rows, adpo_rows = build_rows(n_rows, args.prompt_words, args.response_words)
     ref = AutoModelForCausalLM.from_pretrained(args.model_dir)  # precomputed modes use it once, then drop it
+    if args.freeze_vocab:
+        # The embedding and LM-head weights and their gradients grow with the vocabulary in every trainer; frozen,
+        # the step's memory is what the log-prob computation itself needs.
+        model.get_input_embeddings().requires_grad_(False)
+        model.get_output_embeddings().requires_grad_(False)
     common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size,
                   max_steps=args.steps + args.warmup, learning_rate=1e-6, logging_steps=10**6, report_to="none",
                   save_strategy="no", use_cpu=not cuda, bf16=cuda, dataloader_num_workers=0, seed=0,
                   disable_tqdm=True, gradient_checkpointing=args.gradient_checkpointing)  # TRL defaults it to True
 
     step_times: list[float] = []
+    steady: dict[str, int] = {}
+    rss = PeakRSS()
 
     class Clock(TrainerCallback):
         def on_step_begin(self, *a, **k):  # noqa: ANN002, ANN003
             if cuda:
                 torch.cuda.synchronize()
+            if len(step_times) == args.warmup:  # optimizer state exists from here on: measure steps, not set-up
+                steady["base"] = PeakRSS.now()
+                rss.peak = steady["base"]
             self.t = time.perf_counter()
 
         def on_step_end(self, *a, **k):  # noqa: ANN002, ANN003
@@ -146,7 +157,7 @@ def worker(args: argparse.Namespace) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         gpu_before = torch.cuda.memory_allocated()
-    with PeakRSS() as rss:
+    with rss:
         trainer.train()
     timed = step_times[args.warmup:]
     gpu = {}
@@ -160,7 +171,7 @@ def worker(args: argparse.Namespace) -> dict:
         "train_wall_s": time.perf_counter() - t_setup,
         "tokens_per_sequence": round(lengths, 1),
         "peak_rss_gb": rss.peak / 2**30,
-        "step_mem_gb": (rss.peak - before) / 2**30,
+        "step_mem_gb": (rss.peak - steady.get("base", before)) / 2**30,
     }
 
 
@@ -178,8 +189,8 @@ def build_model(kind: str, folder: Path, vocab: int | None = None) -> Path:
     if kind == "big":
         spec.update({k: v for k, v in OVERRIDES.items() if v})
     if vocab:
-        spec["vocab_size"] = vocab
-    return build_tiny_llama(folder / f"{kind}-{spec['vocab_size']}", chat_template=False, **spec)
+        spec["model_vocab_size"] = vocab
+    return build_tiny_llama(folder / f"{kind}-{spec['model_vocab_size']}", chat_template=False, **spec)
 
 
 def compare(args: argparse.Namespace) -> None:
@@ -229,7 +240,7 @@ def vocab_memory(args: argparse.Namespace) -> None:
         model_dir = build_model("big", tmp, vocab=vocab)
         cli = ["--trainer", "adpo", "--ref", "live", "--model", "big", "--model_dir", str(model_dir), "--steps", "2",
                "--warmup", "1", "--batch_size", "1", "--prompt_words", str(args.long_prompt_words),
-               "--response_words", str(args.response_words), "--threads", str(args.threads)]
+               "--response_words", str(args.response_words), "--threads", str(args.threads), "--freeze_vocab"]
         results[vocab] = run_worker(cli)
         print(f"vocab {vocab}: tokens/seq {results[vocab]['tokens_per_sequence']}, step memory "
               f"{results[vocab]['step_mem_gb']:.3f} GB, peak RSS {results[vocab]['peak_rss_gb']:.2f} GB", flush=True)
@@ -252,10 +263,11 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=2, help="pairs per step (2x sequences)")
     parser.add_argument("--prompt_words", type=int, default=160)
     parser.add_argument("--response_words", type=int, default=24)
-    parser.add_argument("--long_prompt_words", type=int, default=1400, help="for --vocab: about 2k prompt tokens")
+    parser.add_argument("--long_prompt_words", type=int, default=860, help="for --vocab: about 2k prompt tokens")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--vocab", action="store_true", help="step memory vs vocabulary size")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--freeze_vocab", action="store_true", help="freeze the embedding and LM head weights")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="both trainers (equal work)")
     parser.add_argument("--hidden_size", type=int, help="override the 'big' model's hidden size")
     parser.add_argument("--num_layers", type=int, help="override the 'big' model's layer count")

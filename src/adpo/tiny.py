@@ -73,11 +73,17 @@ def build_tiny_llama(
     hidden_size: int = 64,
     num_layers: int = 2,
     vocab_size: int = 400,
+    model_vocab_size: int | None = None,
     chat_template: bool = True,
     seed: int = 0,
     extra_text: Iterable[str] = (),
 ) -> Path:
-    """Write a tiny random Llama-architecture causal LM and its tokenizer to ``path``."""
+    """Write a tiny random Llama-architecture causal LM and its tokenizer to ``path``.
+
+    ``vocab_size`` sizes the BPE training (a few hundred tokens saturate the small corpus); ``model_vocab_size``
+    gives the model a larger vocabulary than the tokenizer uses (embedding and LM head of that many rows), for
+    memory and speed measurements at realistic vocabulary sizes with identical tokenisation.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     path = Path(path)
@@ -92,7 +98,7 @@ def build_tiny_llama(
         tokenizer.chat_template = LLAMA_CHAT_TEMPLATE
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=max(len(tokenizer), model_vocab_size or 0),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers,
