@@ -15,7 +15,6 @@ from adpo.datasets_tools import rows_to_dataset
 from adpo.synthetic import (
     ATTRIBUTES,
     COLOURS,
-    COUNTS,
     Scene,
     counterfactual_rows,
     render_scene,
@@ -185,7 +184,8 @@ def test_to_dataset_embeds_pil_images():
 # ----------------------------------------------------------------------------------------------- training
 @pytest.mark.slow
 def test_eval_during_training_and_tensorboard(tiny_idefics3: Path, image_jsonl: Path, tmp_path: Path):
-    """--eval_dataset_name + --eval_strategy steps logs eval_ metrics; --report_to tensorboard writes them."""
+    """--eval_dataset_name + --eval_strategy steps logs eval_ metrics; --report_to tensorboard writes them
+    (transformers 5 has no --logging_dir: events go to OUTPUT_DIR/runs/, or to $TENSORBOARD_LOGGING_DIR)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from adpo import cli
@@ -195,14 +195,13 @@ def test_eval_during_training_and_tensorboard(tiny_idefics3: Path, image_jsonl: 
         "--model_name_or_path", str(tiny_idefics3), "--dataset_name", str(image_jsonl),
         "--eval_dataset_name", str(image_jsonl), "--max_eval_samples", "4", "--eval_strategy", "steps",
         "--eval_steps", "2", "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "2",
-        "--logging_steps", "1", "--save_strategy", "no", "--report_to", "tensorboard",
-        "--logging_dir", str(tmp_path / "tb"), "--use_cpu",
+        "--logging_steps", "1", "--save_strategy", "no", "--report_to", "tensorboard", "--use_cpu",
     ])
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     evals = [h for h in history if "eval_logps/accuracies" in h]
     assert len(evals) == 1 and evals[0]["step"] == 2
     assert 0 <= evals[0]["eval_rewards/accuracies"] <= 1
-    events = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    events = list((out / "runs").rglob("events.out.tfevents.*"))  # transformers 5: OUTPUT_DIR/runs/<run name>/
     assert events
     tags = set()
     for event in events:
@@ -215,12 +214,13 @@ def test_eval_during_training_and_tensorboard(tiny_idefics3: Path, image_jsonl: 
 @pytest.mark.slow
 def test_short_demo_improves_over_the_untrained_model(tmp_path: Path):
     """A shortened `python -m adpo.demo`: the trained model discriminates held-out prompts better than before,
-    and the text-only baseline (images withheld) cannot: its two prompts are the same text, a tie on every row."""
+    and the text-only baseline (images withheld) cannot: its two prompts are the same text, a tie on every row.
+    Measured (seeds 0-3): 0.34-0.59 before, 0.84-1.0 after; ~9 s on 2 quiet cores."""
     from adpo import demo
 
     args = demo.build_parser().parse_args([
-        "--output_dir", str(tmp_path / "demo"), "--attributes", "count,position", "--train_rows", "128",
-        "--eval_rows", "32", "--max_steps", "60", "--eval_during_training", "1",
+        "--output_dir", str(tmp_path / "demo"), "--attributes", "position", "--train_rows", "128",
+        "--eval_rows", "32", "--max_steps", "80", "--learning_rate", "1e-3", "--eval_during_training", "1",
     ])
     report = demo.run(args)
     results = report["results"]

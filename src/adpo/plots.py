@@ -73,17 +73,13 @@ def plot_evaluation(
     path: str | Path,
     group_by: list[str] | None = None,
 ) -> Path | None:
-    """Prompt-discrimination accuracy bars (overall and per group), margin histograms and image-ablation gaps."""
+    """Prompt-discrimination accuracy bars (overall and per group), per-row margins and image-ablation gaps."""
     plt = _pyplot()
     if plt is None:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
     _accuracy_bars(axes[0], summaries, group_by[0] if group_by else None)
-    for label, rows in records.items():
-        axes[1].hist([r["logp_margin"] for r in rows], bins=30, alpha=0.5, label=label)
-    axes[1].axvline(0, color="black", lw=0.8)
-    axes[1].set_title("log π(y|x_w) − log π(y|x_l) per row")
-    axes[1].legend(fontsize=7)
+    _margin_boxes(axes[1], records)
     _gap_bars(axes[2], summaries)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -103,9 +99,19 @@ def _accuracy_bars(ax: Any, summaries: dict[str, dict[str, Any]], column: str | 
         ax.bar([j + i * width for j in range(len(groups))], values, width, label=label)
     ax.axhline(0.5, color="grey", ls=":", lw=1)
     ax.set_xticks([j + width * (len(summaries) - 1) / 2 for j in range(len(groups))], groups, fontsize=8)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.3)
     ax.set_title("prompt-discrimination accuracy" + (f" by {column}" if column else ""))
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", ncol=len(summaries))
+
+
+def _margin_boxes(ax: Any, records: dict[str, list[dict[str, Any]]]) -> None:
+    """Per-row margins on a symmetric-log axis: untrained margins are tiny, trained ones large."""
+    labels = list(records)
+    ax.boxplot([[r["logp_margin"] for r in records[label]] for label in labels], showfliers=True)
+    ax.set_xticks(range(1, len(labels) + 1), labels, fontsize=8)
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_title("log π(y|x_w) − log π(y|x_l) per row (symlog)")
 
 
 def _gap_bars(ax: Any, summaries: dict[str, dict[str, Any]]) -> None:
