@@ -230,3 +230,23 @@ def test_short_demo_improves_over_the_untrained_model(tmp_path: Path):
     out = tmp_path / "demo"
     for name in ("report.json", "training_curves.png", "evaluation.png", "eval_after/rows.csv"):
         assert (out / name).exists(), name
+
+
+def test_synthetic_command_writes_jsonl_and_dataset(tmp_path: Path):
+    from adpo.synthetic import main
+
+    assert main([str(tmp_path / "j"), "--rows", "3", "--kinds", "image,text", "--size", "32"]) == 0
+    lines = (tmp_path / "j" / "train.jsonl").read_text().splitlines()
+    assert [json.loads(line)["kind"] for line in lines] == ["image", "text", "image"]
+    assert main([str(tmp_path / "d"), "--rows", "3", "--format", "dataset", "--attributes", "colour"]) == 0
+    assert load_adpo_dataset(str(tmp_path / "d"))[2]["response"] == scene_rows(3, attributes=("colour",))[2]["response"]
+
+
+def test_datasets_tools_command(tmp_path: Path):
+    from adpo.datasets_tools import main
+
+    jsonl = write_jsonl(scene_rows(2, seed=9, size=32), tmp_path / "files")
+    assert main([str(jsonl), str(tmp_path / "saved")]) == 0
+    loaded = load_adpo_dataset(str(tmp_path / "saved"))
+    assert loaded.features["chosen_images"].feature == ImageFeature()
+    assert loaded[1]["chosen"] == "Describe the shapes in this image."
