@@ -212,6 +212,31 @@ def test_eval_during_training_and_tensorboard(tiny_idefics3: Path, image_jsonl: 
 
 
 @pytest.mark.slow
+def test_eval_split_of_a_saved_dataset_dict(tiny_idefics3: Path, tmp_path: Path):
+    """--eval_split picks the held-out split of a save_to_disk DatasetDict for evaluation during training."""
+    from datasets import DatasetDict
+
+    from adpo import cli
+
+    splits = DatasetDict({"train": to_dataset(scene_rows(4, seed=0, size=32)),
+                          "test": to_dataset(scene_rows(3, seed=1, size=32))})
+    splits.save_to_disk(str(tmp_path / "data"))
+    out = tmp_path / "run"
+    cli.main([
+        "--model_name_or_path", str(tiny_idefics3), "--dataset_name", str(tmp_path / "data"), "--eval_split", "test",
+        "--eval_strategy", "steps", "--eval_steps", "1", "--per_device_eval_batch_size", "3",
+        "--output_dir", str(out), "--max_steps", "1", "--per_device_train_batch_size", "2", "--save_strategy", "no",
+        "--report_to", "none", "--use_cpu",
+    ])
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    evals = [h for h in history if "eval_loss" in h]
+    assert len(evals) == 1
+    assert round(evals[0]["eval_samples_per_second"] * evals[0]["eval_runtime"]) == 3  # the test split's rows
+    accuracy = evals[0]["eval_logps/accuracies"]
+    assert accuracy == pytest.approx(round(accuracy * 3) / 3)  # a mean over exactly the 3 test rows
+
+
+@pytest.mark.slow
 def test_short_demo_improves_over_the_untrained_model(tmp_path: Path):
     """A shortened `python -m adpo.demo`: the trained model discriminates held-out prompts better than before,
     and the text-only baseline (images withheld) cannot: its two prompts are the same text, a tie on every row.
