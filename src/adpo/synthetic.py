@@ -3,6 +3,11 @@
 Image counterfactuals keep the question text and change one attribute of the picture (the seed's red vs green
 apple); text counterfactuals keep the picture and change the question. Each row's response describes the chosen
 side only.
+
+- :func:`counterfactual_rows`: the original one-shape rows (colour or shape changes), kept for existing tests.
+- :func:`scene_rows`: scenes of 1-3 shapes with a colour, a count and a position on a 3 × 3 grid; each pair
+  differs in exactly one named attribute, recorded in the row (``kind``, ``attribute``, ``chosen_scene``,
+  ``rejected_scene``). :func:`to_dataset` / :func:`write_jsonl` store them; ``python -m adpo.synthetic`` too.
 """
 
 from __future__ import annotations
