@@ -176,7 +176,10 @@ def worker(args: argparse.Namespace) -> dict:
 
 
 def run_worker(cli: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", *cli], capture_output=True, text=True)
+    # Large blocks straight from mmap and no trim threshold: freed tensors leave the RSS at once, so the RSS tracks
+    # live memory (glibc's arenas otherwise keep freed blocks and the step memory would vary from run to run).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    out = subprocess.run([sys.executable, __file__, "--worker", *cli], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-4000:])
     return json.loads(out.stdout.strip().splitlines()[-1])

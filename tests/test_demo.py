@@ -241,7 +241,7 @@ def test_short_demo_improves_over_the_untrained_model(tmp_path: Path):
     """A shortened `python -m adpo.demo`: the trained model discriminates held-out prompts better than before,
     and the text-only baseline (images withheld) cannot: its two prompts are the same text, a tie on every row.
     Measured (seeds 0-3): 0.34-0.59 before, 0.84-1.0 after; ~9 s on 2 quiet cores."""
-    from adpo import demo
+    from adpo.cli import demo
 
     args = demo.build_parser().parse_args([
         "--output_dir", str(tmp_path / "demo"), "--attributes", "position", "--train_rows", "128",
@@ -258,7 +258,7 @@ def test_short_demo_improves_over_the_untrained_model(tmp_path: Path):
 
 
 def test_synthetic_command_writes_jsonl_and_dataset(tmp_path: Path):
-    from adpo.synthetic import main
+    from adpo.cli.synthetic import main
 
     assert main([str(tmp_path / "j"), "--rows", "3", "--kinds", "image,text", "--size", "32"]) == 0
     lines = (tmp_path / "j" / "train.jsonl").read_text().splitlines()
@@ -268,7 +268,7 @@ def test_synthetic_command_writes_jsonl_and_dataset(tmp_path: Path):
 
 
 def test_datasets_tools_command(tmp_path: Path):
-    from adpo.datasets_tools import main
+    from adpo.cli.datasets_tools import main
 
     jsonl = write_jsonl(scene_rows(2, seed=9, size=32), tmp_path / "files")
     assert main([str(jsonl), str(tmp_path / "saved")]) == 0

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from adpo.cli.evaluate import main
 from adpo.collator import RESPONSE_MASK, ROW_IDS, ADPOCollator
 from adpo.data import load_adpo_dataset
-from adpo.evaluate import derive, load_for_eval, main, score_rows, summarise
+from adpo.evaluate import derive, load_for_eval, score_rows, summarise
 from adpo.logprobs import response_logps
 
 

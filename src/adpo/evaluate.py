@@ -21,7 +21,6 @@ import csv
 import json
 import logging
 import math
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,6 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser
 
 from .collator import RESPONSE_MASK, ROW_IDS, ADPOCollator
 from .config import ModelArguments
@@ -346,33 +344,7 @@ def format_summary(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = HfArgumentParser(EvalArguments, description=__doc__.split("\n\n")[0])
-    for action in parser._actions:
-        if action.dest in ("multimodal_mode", "compare_multimodal_mode"):
-            action.nargs, action.const = "?", True  # a bare flag means true, as in adpo-train
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    report = evaluate(args)
-    print(format_summary(report))
-    print(f"adpo-eval: wrote rows.csv, summary.json and evaluation.png to {args.output_dir}")
-    return 0
-
-
-def run() -> None:
-    """Console-script entry point (``adpo-eval``): one-line errors for bad input."""
-    import os
-
-    from .data import ADPODataError
-
-    try:
-        sys.exit(main())
-    except (ADPODataError, ValueError, FileNotFoundError) as err:
-        if os.environ.get("ADPO_TRACEBACK"):
-            raise
-        print(f"adpo-eval: error: {err}\n(set ADPO_TRACEBACK=1 to see where it was raised)", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
+    from .cli.evaluate import run
+
     run()

@@ -6,13 +6,14 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 from transformers import HfArgumentParser, set_seed
 
-from .config import ADPOConfig, DataArguments, ModelArguments
+from ..config import ADPOConfig, DataArguments, ModelArguments
 
 logger = logging.getLogger("adpo")
 
@@ -68,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         level=logging.INFO if training_args.should_log else logging.WARNING,
     )
-    from .distributed import destroy_process_group
-    from .pipeline import build_trainer  # heavy imports after argument errors are reported
+    from ..distributed import destroy_process_group
+    from ..pipeline import build_trainer  # heavy imports after argument errors are reported
 
     set_seed(training_args.seed)
     trainer, processor = build_trainer(model_args, data_args, training_args)
@@ -88,20 +89,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run() -> None:
-    """Console-script entry point: clear one-line errors for bad input instead of tracebacks."""
+def run_entry_point(entry: Callable[[], int], prog: str) -> None:
+    """Run a console script's ``entry``; bad input ends in one ``PROG: error: ...`` line and exit code 2."""
     from datasets.exceptions import DatasetGenerationError
 
-    from .data import ADPODataError
+    from ..data import ADPODataError
 
     try:
-        sys.exit(main())
+        sys.exit(entry())
     except (ADPODataError, ValueError, FileNotFoundError, DatasetGenerationError) as err:
         if os.environ.get("ADPO_TRACEBACK"):
             raise
         cause = f": {err.__cause__}" if isinstance(err, DatasetGenerationError) and err.__cause__ else ""
-        print(f"adpo: error: {err}{cause}\n(set ADPO_TRACEBACK=1 to see where it was raised)", file=sys.stderr)
+        print(f"{prog}: error: {err}{cause}\n(set ADPO_TRACEBACK=1 to see where it was raised)", file=sys.stderr)
         sys.exit(2)
+
+
+def run() -> None:
+    """Console-script entry point (``adpo-train``): clear one-line errors for bad input instead of tracebacks."""
+    run_entry_point(main, "adpo")
 
 
 if __name__ == "__main__":
