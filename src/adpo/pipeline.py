@@ -27,7 +27,7 @@ def resolve_multimodal(flag: bool | None, processor: Any, dataset: Dataset) -> b
     elif flag and not has_images(dataset):
         raise ValueError("--multimodal_mode is on but the dataset has no chosen_images/rejected_images column.")
     elif not flag and takes_images and has_images(dataset):
-        logger.warning("--multimodal_mode false: the rows' images are withheld; training on text only.")
+        logger.warning("--multimodal_mode false: the rows' images are withheld (text only).")
     return flag
 
 
