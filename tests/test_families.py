@@ -24,7 +24,7 @@ from adpo.cli import main
 from adpo.collator import SEQUENCE_KEYS, ADPOCollator
 from adpo.config import ADPOConfig, DataArguments, ModelArguments
 from adpo.data import ROW_ID
-from adpo.logprobs import response_logps
+from adpo.logprobs import fused_head_blocker, response_logps
 from adpo.modeling import (
     COMPONENTS,
     apply_lora,
@@ -192,10 +192,13 @@ def _plain_response_logp(model: nn.Module, processor: Any, row: dict[str, Any], 
     return torch.log_softmax(logits, dim=-1).gather(-1, ids[-n:, None]).sum()
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_head", "model_head"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_trainer_logps_equal_plain_forward(family: str, tiny: Any, mixed_jsonl: Path, tmp_path: Path) -> None:
+def test_trainer_logps_equal_plain_forward(family: str, fused: bool, tiny: Any, mixed_jsonl: Path,
+                                           tmp_path: Path) -> None:
     """The trainer's per-row log-probs (one padded forward over [chosen; rejected], LM head at response positions
-    only) equal a plain forward pass per example, for rows of different lengths and image counts.
+    only) equal a plain forward pass per example, for rows of different lengths and image counts, with adpo's
+    vocabulary-chunked head (``--fused_lm_head``, the default) and with the model's own head.
 
     Tolerance: the per-token means agree to 1e-5 outright. The sums reach ~150, where one fp32 ulp is 1.5e-5 and
     a batched forward (other matmul shapes, padding) legitimately differs by a few ulps, so they get 1e-5
@@ -203,7 +206,7 @@ def test_trainer_logps_equal_plain_forward(family: str, tiny: Any, mixed_jsonl: 
     """
     trainer, processor = build_trainer(
         ModelArguments(model_name_or_path=str(tiny(family))), DataArguments(dataset_name=str(mixed_jsonl)),
-        ADPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True),
+        ADPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, fused_lm_head=fused),
     )
     batch = trainer.data_collator(_rows())
     lengths = batch["attention_mask"].sum(1)
@@ -231,6 +234,34 @@ def test_paligemma_response_is_the_causal_suffix(tiny: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ save / reload
+def test_logit_softcapping_falls_back_to_the_models_head(tiny: Any, mixed_jsonl: Path, tmp_path: Path) -> None:
+    """A model that transforms its head's output (PaliGemma 2's Gemma-2 soft-capping) is scored with its own head:
+    the trainer falls back and still equals the plain forward, which includes the soft-capping; forcing the fused
+    head is refused rather than returning log-probs without it."""
+    trainer, processor = build_trainer(
+        ModelArguments(model_name_or_path=str(tiny("paligemma"))), DataArguments(dataset_name=str(mixed_jsonl)),
+        ADPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True),
+    )
+    model = trainer.model.eval()
+    model.config.text_config.final_logit_softcapping = 0.05  # small: it changes every log-prob a lot
+    assert "final_logit_softcapping=0.05" in fused_head_blocker(model)
+    batch = trainer._prepare_inputs(trainer.data_collator(_rows()))
+    _, metrics = trainer.loss_and_metrics(model, dict(batch))
+    trainer_logps = torch.cat([metrics["logps/chosen"], metrics["logps/rejected"]])
+    plain = torch.stack([_plain_response_logp(model, processor, row, side)
+                         for side in ("chosen", "rejected") for row in ROWS])
+    torch.testing.assert_close(trainer_logps, plain, atol=1e-5, rtol=1e-6)
+    model.config.text_config.final_logit_softcapping = None
+    uncapped = torch.stack([_plain_response_logp(model, processor, row, side)
+                            for side in ("chosen", "rejected") for row in ROWS])
+    assert (uncapped - plain).abs().max() > 0.3  # 10⁴× the tolerance: the soft-capping was in effect
+    model.config.text_config.final_logit_softcapping = 0.05
+    mask = batch.pop("response_mask")
+    batch.pop("row_ids")
+    with pytest.raises(RuntimeError, match="transformed its LM head's output.*--fused_lm_head false"):
+        response_logps(model, model.get_output_embeddings(), batch, mask, fused=True)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_save_and_reload_give_identical_log_probs(family: str, tiny: Any, mixed_jsonl: Path, tmp_path: Path) -> None:
     """Train one step, save model + processor, reload both: same batch, bit-identical log-probs."""

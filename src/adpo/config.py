@@ -204,6 +204,13 @@ class ADPOConfig(TrainingArguments):
         metadata={"help": "Folder for --precompute_ref_log_probs caches. Default: $ADPO_CACHE_DIR, else "
                   "$XDG_CACHE_HOME/adpo/ref_logps, else ~/.cache/adpo/ref_logps."},
     )
+    fused_lm_head: bool = field(
+        default=True,
+        metadata={"help": "Score response tokens with adpo's vocabulary-chunked LM head: never holds all tokens × "
+                  "vocabulary logits (backward recomputes them), so step memory does not grow with the vocabulary. "
+                  "Used automatically only where the model returns its head's output unchanged (not e.g. with "
+                  "Gemma-2 logit soft-capping). false: the model's own head at the response positions."},
+    )
     # Defaults that differ from TrainingArguments'.
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the collator needs the raw rows (text and images)."}

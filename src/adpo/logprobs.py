@@ -1,19 +1,41 @@
 """Per-row log-probabilities of the response tokens, from one forward pass.
 
-The LM head only ever sees the hidden states that predict a response token: a forward pre-hook on the output
-embedding selects them, so full-vocabulary logits are never materialised for prompt, image or pad positions.
-The hook sits on the module the model itself calls, so the forward still goes through whatever wraps the model
-(DDP, DeepSpeed, PEFT) and every family-specific step (e.g. Gemma's logit soft-capping) still applies.
+The LM head only ever sees the hidden states that predict a response token, so full-vocabulary logits are never
+materialised for prompt, image or pad positions. Two ways to score those positions:
+
+- **fused** (default, :func:`fused_lm_head_at`): for the duration of the forward, the head's ``forward`` is
+  replaced by :class:`HeadLogps`, which walks the vocabulary in chunks with an online log-sum-exp and returns the
+  per-token log-probs directly. It never holds all ``N × V`` logits: forward and backward keep one ``N × chunk``
+  block at a time and backward recomputes the logits it needs, so the step's memory does not grow with the
+  vocabulary. Numerically it is the model's own head: the same ``F.linear`` in the same dtype (autocast included),
+  then an fp32 log-softmax.
+- **unfused** (:func:`lm_head_only_at`): a forward pre-hook selects the response-predicting hidden states, the head
+  returns their ``(N, V)`` logits and :func:`token_logps` takes an fp32 log-softmax, chunked over rows. Used where
+  the model post-processes its logits (e.g. Gemma-2 soft-capping, see :func:`fused_head_blocker`) or the head is not
+  a plain ``nn.Linear``.
+
+Both hook the module the model itself calls, so the forward still goes through whatever wraps the model
+(DDP, DeepSpeed, PEFT), and under ZeRO-3 the head's weight is gathered exactly when the head runs.
 """
 
 from __future__ import annotations
 
+import logging
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+logger = logging.getLogger(__name__)
+
+VOCAB_CHUNK = 8192  # vocabulary entries per block of the fused head: N × 8192 fp32 logits at a time
+
+# Config attributes through which a model transforms the LM head's output before returning it as ``logits``.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 class ResponseLogps(NamedTuple):
@@ -26,6 +48,12 @@ class ResponseLogps(NamedTuple):
         return self.sums / self.counts.clamp(min=1)
 
 
+def _check_positions(hidden: torch.Tensor, positions: torch.Tensor) -> None:
+    if hidden.shape[:2] != positions.shape:
+        raise RuntimeError(f"LM head got hidden states of shape {tuple(hidden.shape)}, expected "
+                           f"{tuple(positions.shape)} + (hidden,): the model shortened the sequence.")
+
+
 @contextmanager
 def lm_head_only_at(head: nn.Module, positions: torch.Tensor) -> Iterator[None]:
     """Within the block, ``head`` maps hidden states (R, L, H) to logits at ``positions`` (R, L) bool only.
@@ -34,11 +62,8 @@ def lm_head_only_at(head: nn.Module, positions: torch.Tensor) -> Iterator[None]:
     """
 
     def select(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        hidden = args[0]
-        if hidden.shape[:2] != positions.shape:
-            raise RuntimeError(f"LM head got hidden states of shape {tuple(hidden.shape)}, expected "
-                               f"{tuple(positions.shape)} + (hidden,): the model shortened the sequence.")
-        return (hidden[positions], *args[1:])
+        _check_positions(args[0], positions)
+        return (args[0][positions], *args[1:])
 
     handle = head.register_forward_pre_hook(select)
     try:
@@ -60,8 +85,154 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 4
     return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
 
 
+def _block_logits(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, start: int, end: int
+) -> torch.Tensor:
+    """Logits of vocabulary entries [start, end): ``F.linear`` in ``h``'s dtype, as the model's head computes, then
+    at least fp32 (float64 stays float64)."""
+    b = None if bias is None else bias[start:end].to(h.dtype)
+    return F.linear(h, weight[start:end].to(h.dtype), b).to(_acc_dtype(h.dtype))
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _target_slot(targets: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(column of each target inside block [start, end), clamped; whether the target lies in the block).
+
+    Computed without data-dependent indexing, so the loop never waits for the device."""
+    inside = (targets >= start) & (targets < end)
+    return (targets - start).clamp(0, end - start - 1), inside
+
+
+class HeadLogps(torch.autograd.Function):
+    """log softmax(hidden @ weightᵀ + bias)[targets], fp32 (N,), one vocabulary block of ``chunk`` at a time.
+
+    ``compute_dtype`` is the dtype the model's ``F.linear`` would run in (autocast's, else the weight's); the fp32
+    log-softmax over blocks uses an online log-sum-exp. Backward recomputes each block's logits, so nothing of size
+    ``N × V`` is ever saved or held: d logp_i / d z_ij = 1[j = t_i] − softmax(z_i)_j.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+        chunk: int, compute_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):
+            h = hidden.to(compute_dtype)
+            n, vocab = h.shape[0], weight.shape[0]
+            acc = _acc_dtype(compute_dtype)
+            running_max = torch.full((n,), float("-inf"), dtype=acc, device=h.device)
+            running_sum = torch.zeros(n, dtype=acc, device=h.device)
+            target_logit = torch.zeros(n, dtype=acc, device=h.device)
+            for start in range(0, vocab, chunk):
+                end = min(start + chunk, vocab)
+                z = _block_logits(h, weight, bias, start, end)
+                new_max = torch.maximum(running_max, z.amax(dim=1))
+                running_sum = running_sum * torch.exp(running_max - new_max) + torch.exp(z - new_max[:, None]).sum(1)
+                running_max = new_max
+                col, inside = _target_slot(targets, start, end)
+                target_logit = torch.where(inside, z.gather(1, col[:, None]).squeeze(1), target_logit)
+            lse = running_max + running_sum.log()
+        ctx.save_for_backward(h, weight, bias, targets, lse)
+        ctx.chunk, ctx.hidden_dtype = chunk, hidden.dtype
+        return target_logit - lse
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        h, weight, bias, targets, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        g = grad_out.to(lse.dtype)
+        vocab = weight.shape[0]
+        grad_h = torch.zeros(h.shape, dtype=lse.dtype, device=h.device) if need_h else None
+        grad_w = torch.empty_like(weight) if need_w else None
+        grad_b = torch.empty_like(bias) if need_b else None
+        with torch.autocast(h.device.type, enabled=False):
+            for start in range(0, vocab, ctx.chunk):
+                end = min(start + ctx.chunk, vocab)
+                # dL/dz = g · (onehot(target) − softmax(z)), built in place on the recomputed block.
+                gz = torch.exp(_block_logits(h, weight, bias, start, end).sub_(lse[:, None])).mul_(-g[:, None])
+                col, inside = _target_slot(targets, start, end)
+                gz.scatter_add_(1, col[:, None], (g * inside)[:, None])
+                if need_b:
+                    grad_b[start:end] = gz.sum(0).to(bias.dtype)
+                gz = gz.to(h.dtype)
+                if need_h:
+                    grad_h.add_(gz @ weight[start:end].to(h.dtype))
+                if need_w:
+                    grad_w[start:end] = (gz.T @ h).to(weight.dtype)
+        return (None if grad_h is None else grad_h.to(ctx.hidden_dtype)), grad_w, grad_b, None, None, None
+
+
+def head_logps(
+    hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, chunk: int = VOCAB_CHUNK
+) -> torch.Tensor:
+    """(N,) fp32 log-probs of ``targets`` under ``head`` applied to ``hidden`` (N, H), without (N, V) logits."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        dtype = head.weight.dtype
+    return HeadLogps.apply(hidden, head.weight, head.bias, targets, chunk, dtype)
+
+
+@contextmanager
+def fused_lm_head_at(
+    head: nn.Linear, positions: torch.Tensor, targets: torch.Tensor, chunk: int = VOCAB_CHUNK
+) -> Iterator[list[torch.Tensor]]:
+    """Within the block, calling ``head`` on hidden states (R, L, H) returns the (N,) log-probs of ``targets`` at
+    ``positions`` (R, L) bool (row-major order) instead of logits. Yields the list the results are appended to."""
+    produced: list[torch.Tensor] = []
+
+    def forward(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        _check_positions(hidden, positions)
+        produced.append(head_logps(hidden[positions], head, targets, chunk))
+        return produced[-1]
+
+    head.forward = forward  # an instance attribute shadows the class's forward; hooks still run around it
+    try:
+        yield produced
+    finally:
+        del head.forward
+
+
+def fused_head_blocker(model: nn.Module) -> str | None:
+    """Why the fused head cannot score ``model`` (an unwrapped ``PreTrainedModel``), or None if it can."""
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear:
+        return f"its LM head is a {type(head).__name__}, not a plain torch.nn.Linear"
+    if "forward" in vars(head):
+        return "its LM head's forward is wrapped (e.g. by accelerate's device_map hooks)"
+    config = getattr(model, "config", None)
+    sub_configs = getattr(config, "sub_configs", {})
+    configs = [] if config is None else [config, *(getattr(config, name, None) for name in sub_configs)]
+    for cfg in configs:
+        for name in LOGIT_TRANSFORMS:
+            if getattr(cfg, name, None) not in (None, 1, 1.0):
+                return f"it transforms its logits after the LM head ({name}={getattr(cfg, name)})"
+    return None
+
+
+_reported: set[str] = set()
+_verified_heads: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # heads whose model returned the fused output as is
+
+
+def use_fused_head(model: nn.Module, requested: bool = True) -> bool:
+    """Whether to score ``model`` (unwrapped) with the fused head; logs once why not when it was requested."""
+    if not requested:
+        return False
+    reason = fused_head_blocker(model)
+    if reason is not None and reason not in _reported:
+        _reported.add(reason)
+        logger.info("scoring with the model's own LM head (full-vocabulary logits at response positions): %s",
+                    reason)
+    return reason is None
+
+
 def response_logps(
-    model: nn.Module, head: nn.Module, inputs: dict[str, torch.Tensor], response_mask: torch.Tensor
+    model: nn.Module, head: nn.Module, inputs: dict[str, torch.Tensor], response_mask: torch.Tensor,
+    fused: bool = True,
 ) -> ResponseLogps:
     """Run ``model`` once on ``inputs`` and sum the log-probs of the tokens marked by ``response_mask``.
 
@@ -70,14 +241,32 @@ def response_logps(
         head: the model's output embedding (``get_output_embeddings()`` of the unwrapped model).
         inputs: model inputs; ``input_ids`` (R, L) plus whatever the processor produced.
         response_mask: (R, L) bool, True at response tokens. No row's response may start at position 0.
+        fused: score with the vocabulary-chunked head (:func:`fused_lm_head_at`; ``head`` must be an
+            ``nn.Linear`` whose output the model returns unchanged, see :func:`fused_head_blocker`); False: the
+            model's own head on the response positions.
     """
     # The hidden state at t predicts the token at t + 1.
     predictors = torch.zeros_like(response_mask)
     predictors[:, :-1] = response_mask[:, 1:]
     targets = inputs["input_ids"][response_mask]
-    with lm_head_only_at(head, predictors):
-        logits = model(**inputs, use_cache=False).logits  # (N, V)
-    per_token = token_logps(logits, targets)
+    if fused:
+        if not isinstance(head, nn.Linear):
+            raise TypeError(f"fused=True needs an nn.Linear LM head, got {type(head).__name__}.")
+        with fused_lm_head_at(head, predictors, targets) as produced:
+            per_token = model(**inputs, use_cache=False).logits
+        # Wrappers may pass the head's output on as a new tensor (DDP clones it, DeepSpeed adds backward hooks), so
+        # the check is on values, once per head: a model that transforms logits does so on every call.
+        if len(produced) != 1 or per_token.shape != produced[0].shape or (
+            head not in _verified_heads and not torch.equal(per_token.detach(), produced[0].detach())
+        ):
+            raise RuntimeError("The model transformed its LM head's output (or called the head more than once), so "
+                               "the fused head's log-probs are not its log-probs; score it with fused=False "
+                               "(CLI: --fused_lm_head false).")
+        _verified_heads.add(head)
+    else:
+        with lm_head_only_at(head, predictors):
+            logits = model(**inputs, use_cache=False).logits  # (N, V)
+        per_token = token_logps(logits, targets)
     rows = response_mask.nonzero()[:, 0]
     sums = torch.zeros(response_mask.shape[0], dtype=torch.float32, device=per_token.device)
     sums = sums.index_add(0, rows, per_token)
