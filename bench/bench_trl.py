@@ -12,7 +12,8 @@ itself needs. On CUDA, torch's allocator statistics are used instead.
 
     python bench/bench_trl.py                      # both models, live + precomputed reference (CPU)
     python bench/bench_trl.py --models tiny --steps 3
-    python bench/bench_trl.py --vocab              # step memory: 2k-token prompt, 131k vs 8k vocabulary
+    python bench/bench_trl.py --vocab              # step memory: 2k-token prompt, 131k vs 8k vocabulary,
+                                                   # adpo's fused LM head and the model's own head
 
 Needs `pip install trl` (not a dependency of adpo).
 """
@@ -138,7 +139,7 @@ def worker(args: argparse.Namespace) -> dict:
         from adpo import ADPOCollator, ADPOConfig, ADPOTrainer
 
         extra = {"precompute_ref_log_probs": True} if args.ref == "precomputed" else {}
-        config = ADPOConfig(**common, beta=0.1, **extra)
+        config = ADPOConfig(**common, beta=0.1, fused_lm_head=not args.model_head, **extra)
         collator = ADPOCollator(tokenizer, multimodal=False)
         from datasets import Dataset
 
@@ -237,18 +238,25 @@ def compare(args: argparse.Namespace) -> None:
 
 
 def vocab_memory(args: argparse.Namespace) -> None:
+    """Step memory at 8k and 131k vocabulary, with adpo's fused head (default) and with the model's own head."""
     tmp = Path(tempfile.mkdtemp())
     results = {}
     for vocab in (8192, 131072):
         model_dir = build_model("big", tmp, vocab=vocab)
-        cli = ["--trainer", "adpo", "--ref", "live", "--model", "big", "--model_dir", str(model_dir), "--steps", "2",
-               "--warmup", "1", "--batch_size", "1", "--prompt_words", str(args.long_prompt_words),
-               "--response_words", str(args.response_words), "--threads", str(args.threads), "--freeze_vocab"]
-        results[vocab] = run_worker(cli)
-        print(f"vocab {vocab}: tokens/seq {results[vocab]['tokens_per_sequence']}, step memory "
-              f"{results[vocab]['step_mem_gb']:.3f} GB, peak RSS {results[vocab]['peak_rss_gb']:.2f} GB", flush=True)
-    ratio = results[131072]["step_mem_gb"] / results[8192]["step_mem_gb"]
-    print(f"\nstep memory 131k / 8k vocabulary: {ratio:.2f}x")
+        for head in ("fused", "model"):
+            cli = ["--trainer", "adpo", "--ref", "live", "--model", "big", "--model_dir", str(model_dir),
+                   "--steps", "2", "--warmup", "1", "--batch_size", "1", "--prompt_words", str(args.long_prompt_words),
+                   "--response_words", str(args.response_words), "--threads", str(args.threads), "--freeze_vocab",
+                   *(["--model_head"] if head == "model" else [])]
+            r = results[vocab, head] = run_worker(cli)
+            print(f"vocab {vocab}, {head} head: tokens/seq {r['tokens_per_sequence']}, step memory "
+                  f"{r['step_mem_gb']:.3f} GB, peak RSS {r['peak_rss_gb']:.2f} GB, {r['step_s']:.2f} s/step",
+                  flush=True)
+    print()
+    for head in ("fused", "model"):
+        ratio = results[131072, head]["step_mem_gb"] / results[8192, head]["step_mem_gb"]
+        flag = "" if head == "fused" else " (--fused_lm_head false)"
+        print(f"step memory 131k / 8k vocabulary, {head} head{flag}: {ratio:.2f}x")
 
 
 def main() -> None:
@@ -271,6 +279,7 @@ def main() -> None:
     parser.add_argument("--vocab", action="store_true", help="step memory vs vocabulary size")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--freeze_vocab", action="store_true", help="freeze the embedding and LM head weights")
+    parser.add_argument("--model_head", action="store_true", help="adpo with --fused_lm_head false")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="both trainers (equal work)")
     parser.add_argument("--hidden_size", type=int, help="override the 'big' model's hidden size")
     parser.add_argument("--num_layers", type=int, help="override the 'big' model's layer count")

@@ -168,6 +168,23 @@ def test_help_explains_every_seed_flag():
         assert flag in proc.stdout, flag
 
 
+def test_readme_cli_reference_lists_every_adpo_flag():
+    """Every flag adpo adds to the Trainer's (model, data and ADPOConfig's own fields) has a README row."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    from adpo.config import ADPOConfig, DataArguments, ModelArguments
+
+    readme = (REPO / "README.md").read_text()
+    reference = readme[readme.index("### CLI reference"):readme.index("## Supported models")]
+    inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
+    flags = [f.name for cls in (ModelArguments, DataArguments) for f in dataclasses.fields(cls)]
+    flags += [f.name for f in dataclasses.fields(ADPOConfig) if f.name not in inherited]
+    assert "fused_lm_head" in flags
+    assert [name for name in flags if f"`--{name}`" not in reference] == []
+
+
 def test_bad_input_is_one_clear_line(tiny_llama, tmp_path):
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps({"response": "", "chosen": "a", "rejected": "b"}) + "\n")

@@ -456,3 +456,37 @@ def test_dummy_vision_call_is_skipped_when_the_batch_has_images() -> None:
         pass
     with vision_tower_every_forward(Model(), {"input_ids": torch.zeros(1)}, None):
         pass
+
+
+@pytest.mark.slow
+def test_fsdp2_sharded_fused_head_equals_unsharded(tiny_llama: Path, tmp_path: Path) -> None:
+    """FSDP2 (fully_shard per decoder layer and root, 2 processes, gloo): with the LM head's weight sharded, the
+    fused head (several vocabulary blocks) gives the unsharded model's log-probs and every parameter's gradient, as
+    the model's own head does."""
+    from adpo.collator import RESPONSE_MASK, ROW_IDS, ADPOCollator
+    from adpo.logprobs import response_logps
+
+    out = tmp_path / "fsdp.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           REPO / "tests" / "fsdp_worker.py", tiny_llama, out]
+    launch(cmd, tmp_path / "fsdp")
+    sharded = torch.load(out)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from fsdp_worker import ROWS
+
+    batch = ADPOCollator(AutoTokenizer.from_pretrained(tiny_llama), multimodal=False)(ROWS)
+    mask = batch.pop(RESPONSE_MASK)
+    batch.pop(ROW_IDS)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    assert model.config.vocab_size > 256  # several blocks of the fused head
+    sums = response_logps(model, model.get_output_embeddings(), batch, mask, fused=False).sums
+    sums.sum().backward()
+    for fused in (True, False):
+        got_sums, got_grads = sharded[fused]
+        torch.testing.assert_close(got_sums, sums.detach(), rtol=1e-6, atol=1e-5)
+        assert set(got_grads) == {n for n, _ in model.named_parameters()}
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(got_grads[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -232,7 +232,7 @@ def use_fused_head(model: nn.Module, requested: bool = True) -> bool:
 
 def response_logps(
     model: nn.Module, head: nn.Module, inputs: dict[str, torch.Tensor], response_mask: torch.Tensor,
-    fused: bool = True,
+    fused: bool = True, vocab_chunk: int = VOCAB_CHUNK,
 ) -> ResponseLogps:
     """Run ``model`` once on ``inputs`` and sum the log-probs of the tokens marked by ``response_mask``.
 
@@ -244,6 +244,7 @@ def response_logps(
         fused: score with the vocabulary-chunked head (:func:`fused_lm_head_at`; ``head`` must be an
             ``nn.Linear`` whose output the model returns unchanged, see :func:`fused_head_blocker`); False: the
             model's own head on the response positions.
+        vocab_chunk: vocabulary entries per block of the fused head.
     """
     # The hidden state at t predicts the token at t + 1.
     predictors = torch.zeros_like(response_mask)
@@ -252,7 +253,7 @@ def response_logps(
     if fused:
         if not isinstance(head, nn.Linear):
             raise TypeError(f"fused=True needs an nn.Linear LM head, got {type(head).__name__}.")
-        with fused_lm_head_at(head, predictors, targets) as produced:
+        with fused_lm_head_at(head, predictors, targets, vocab_chunk) as produced:
             per_token = model(**inputs, use_cache=False).logits
         # Wrappers may pass the head's output on as a new tensor (DDP clones it, DeepSpeed adds backward hooks), so
         # the check is on values, once per head: a model that transforms logits does so on every call.
