@@ -404,6 +404,95 @@ def make_timer_callback(sync: Callable[[], None], warmup: int, max_run_s: float)
     return StepTimer()
 
 
+def component_ranges(model: nn.Module) -> list[Any]:
+    """Forward pre/post hooks that open a profiler range per component (``fwd.vision_tower`` ...); returns handles.
+
+    Forwards only: under gradient checkpointing the decoder layers' recomputation happens inside backward."""
+    from adpo.modeling import component_path
+
+    handles, open_ranges = [], []
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the wrapped model
+    parts = {name: model.get_submodule(path) for name in ("vision_tower", "mm_projector", "language_model")
+             if (path := component_path(model, name))}
+    parts["lm_head"] = model.get_output_embeddings()
+    for name, module in parts.items():
+        def enter(_module: nn.Module, _args: Any, name: str = name) -> None:
+            rf = torch.profiler.record_function(f"fwd.{name}")
+            rf.__enter__()
+            open_ranges.append(rf)
+
+        def leave(_module: nn.Module, _args: Any, _out: Any) -> None:
+            open_ranges.pop().__exit__(None, None, None)
+
+        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    return handles
+
+
+def make_profiler_callback(first_step: int, steps: int, out_dir: Path, name: str, cuda: bool) -> Any:
+    """torch.profiler over optimizer steps [first_step, first_step + steps): writes ``<name>.txt`` (top ops by
+    device time, then by CPU time, and adpo's named ranges) and logs the ranges' share of the profiled time."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+
+    class StepProfiler(TrainerCallback):
+        def __init__(self) -> None:
+            self.prof: Any = None
+            self.t0 = 0.0
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == first_step and self.prof is None:
+                self.prof = profile(activities=activities)
+                self.prof.__enter__()
+                self.t0 = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.prof is None or state.global_step != first_step + steps:
+                return
+            if cuda:
+                torch.cuda.synchronize()
+            self.finish(steps)
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.prof is not None:  # training stopped early (run time cap): report the steps profiled
+                self.finish(state.global_step - first_step)
+
+        def finish(self, done: int) -> None:
+            wall = time.perf_counter() - self.t0
+            self.prof.__exit__(None, None, None)
+            self.write(wall, max(done, 1))
+            self.prof = None
+
+        def write(self, wall: float, steps: int) -> None:
+            events = self.prof.key_averages()
+            device_key = "self_device_time_total" if cuda else "self_cpu_time_total"
+            lines = [f"{name}: {steps} profiled steps, {wall:.3f} s wall under the profiler", "",
+                     "adpo ranges and component forwards, per step (host time: from entering to leaving the range"
+                     + ("; device time: its kernels" if cuda else "") + "):"]
+            top_level = 0.0
+            for e in sorted(events, key=lambda e: -e.cpu_time_total):
+                if e.key.startswith(("adpo.", "fwd.", "Optimizer.step")):
+                    host = e.cpu_time_total / 1e6 / steps
+                    top_level += host if not e.key.startswith("fwd.") else 0.0
+                    dev = f"  device {e.device_time_total / 1e6 / steps:8.3f} s" if cuda else ""
+                    lines.append(f"  {e.key:<32} host {host:8.3f} s ({100 * host * steps / wall:5.1f}%){dev}"
+                                 f"  {e.count // steps} calls")
+            rest = wall / steps - top_level
+            share = 100 * rest * steps / wall
+            lines.append(f"  {'rest: backward, data, logging':<32} host {rest:8.3f} s ({share:5.1f}%)")
+            lines.append("  (fwd.* are the policy's forwards, and the reference's where it is the policy with "
+                         "adapters off; a frozen-copy reference runs inside adpo.reference_logps)")
+            lines += ["", "top ops by self device time:" if cuda else "top ops by self CPU time:",
+                      events.table(sort_by=device_key, row_limit=30)]
+            out_dir.mkdir(parents=True, exist_ok=True)
+            path = out_dir / f"{name.replace(' ', '_').replace('=', '-')}.txt"
+            path.write_text("\n".join(lines))
+            log("\n".join(lines[:12]) + f"\n  (full table: {path})")
+
+    return StepProfiler()
+
+
 @dataclass
 class RunResult:
     name: str
@@ -567,17 +656,29 @@ def run_one(spec: RunSpec, model: nn.Module, ref: nn.Module | None, arch: Arch, 
     if args.plan:
         result.status = "planned"
         return
+    timed_steps = args.warmup + args.steps
     timer = make_timer_callback(device.sync, args.warmup, args.max_run_s)
-    with tempfile.TemporaryDirectory() as out_dir:
-        trainer = ADPOTrainer(model=model, args=train_args(args, out_dir, args.warmup + args.steps, device),
-                              ref_model=ref, data_collator=collator, train_dataset=rows,
-                              processing_class=spec.processor, callbacks=[timer])
-        device.reset_peak()
-        output = trainer.train()
-        result.peak_mem_gb = device.peak_gb()
-        result.train_loss = float(output.training_loss)
-        del trainer
-    _timing(result, timer.ends, args.warmup, work, model_flops, hw_flops, device)
+    callbacks, hooks, total = [timer], [], timed_steps
+    if args.profile:  # extra steps after the timed ones, so the profiler's overhead does not touch the timing
+        total += args.profile_steps
+        rows = rows + rows[: args.batch_size * args.profile_steps]
+        callbacks.append(make_profiler_callback(timed_steps, args.profile_steps, Path(args.profile), spec.name,
+                                                device.cuda))
+        hooks = component_ranges(model)
+    try:
+        with tempfile.TemporaryDirectory() as out_dir:
+            trainer = ADPOTrainer(model=model, args=train_args(args, out_dir, total, device),
+                                  ref_model=ref, data_collator=collator, train_dataset=rows,
+                                  processing_class=spec.processor, callbacks=callbacks)
+            device.reset_peak()
+            output = trainer.train()
+            result.peak_mem_gb = device.peak_gb()
+            result.train_loss = float(output.training_loss)
+            del trainer
+    finally:
+        for handle in hooks:
+            handle.remove()
+    _timing(result, timer.ends[:timed_steps], args.warmup, work, model_flops, hw_flops, device)
 
 
 def _describe_work(result: RunResult, work: Work, batch: dict, config: Any, batch_size: int) -> None:
@@ -829,6 +930,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plan", action="store_true",
                    help="no training: build on the meta device, collate one batch, print tokens and FLOPs per step")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after the timed steps, run --profile_steps more under torch.profiler and write a table per "
+                   "run to DIR (adpo's ranges, component forwards, top ops); the timing excludes them")
+    p.add_argument("--profile_steps", type=int, default=2)
     args = p.parse_args(argv)
     args.steps = args.steps if args.steps is not None else (1 if args.tiny else 8)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)

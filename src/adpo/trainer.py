@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 from transformers import PreTrainedModel, Trainer
 
 from .collator import RESPONSE_MASK, ROW_IDS
@@ -149,8 +150,11 @@ class ADPOTrainer(Trainer):
         inputs = dict(inputs)
         mask = inputs.pop(RESPONSE_MASK)
         row_ids = inputs.pop(ROW_IDS, None)
-        ref = self.reference_logps(model, inputs, mask, row_ids)
-        policy = self._logps(model, inputs, mask)
+        # Named ranges for torch.profiler traces (no cost when no profiler runs).
+        with record_function("adpo.reference_logps"):
+            ref = self.reference_logps(model, inputs, mask, row_ids)
+        with record_function("adpo.policy_logps"):
+            policy = self._logps(model, inputs, mask)
         weight = self.args.multitask_weight
         groups = 2 if weight is None else 4
         pol = _split(policy, groups)
