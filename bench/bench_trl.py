@@ -104,7 +104,7 @@ def worker(args: argparse.Namespace) -> dict:
         model.get_output_embeddings().requires_grad_(False)
     common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch_size,
                   max_steps=args.steps + args.warmup, learning_rate=1e-6, logging_steps=10**6, report_to="none",
-                  save_strategy="no", use_cpu=not cuda, bf16=cuda, dataloader_num_workers=0, seed=0,
+                  save_strategy="no", use_cpu=not cuda, bf16=cuda, dataloader_num_workers=args.workers, seed=0,
                   disable_tqdm=True, gradient_checkpointing=args.gradient_checkpointing)  # TRL defaults it to True
 
     step_times: list[float] = []
@@ -211,8 +211,8 @@ def compare(args: argparse.Namespace) -> None:
                            "--steps", str(args.steps), "--warmup", str(args.warmup),
                            "--batch_size", str(args.batch_size), "--prompt_words", str(args.prompt_words),
                            "--response_words", str(args.response_words), "--threads", str(args.threads),
-                           "--device", args.device] + (["--gradient_checkpointing"] if args.gradient_checkpointing
-                                                       else [])
+                           "--workers", str(args.workers), "--device", args.device]
+                    cli += ["--gradient_checkpointing"] if args.gradient_checkpointing else []
                     r = run_worker(cli)
                     best = results.get(trainer)
                     if best is None or r["pairs_per_s"] > best["pairs_per_s"]:
@@ -276,6 +276,9 @@ def main() -> None:
     parser.add_argument("--response_words", type=int, default=24)
     parser.add_argument("--long_prompt_words", type=int, default=860, help="for --vocab: about 2k prompt tokens")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=0,
+                        help="dataloader workers, both trainers: adpo tokenises in its collator, on the step's path "
+                        "without workers, where TRL tokenised in a pass before training")
     parser.add_argument("--vocab", action="store_true", help="step memory vs vocabulary size")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--freeze_vocab", action="store_true", help="freeze the embedding and LM head weights")

@@ -19,7 +19,7 @@ timeout 330 python3 bench/bench_gpu.py --model all --time_budget_s 250 --json "$
 echo "exit $?"; grep -v "it/s\]" "$OUT/bench_gpu.log" | tail -25
 echo "=== bench_trl on cuda (adpo vs TRL DPOTrainer, equal work)"
 timeout 130 python3 bench/bench_trl.py --device cuda --models big --hidden_size 1024 --num_layers 8 \
-    --refs live precomputed --steps 4 --warmup 2 --repeats 1 --batch_size 8 --threads 8 > "$OUT/bench_trl.log" 2>&1
+    --refs live precomputed --steps 4 --warmup 2 --repeats 1 --batch_size 8 --threads 8 --workers 2 > "$OUT/bench_trl.log" 2>&1
 echo "exit $?"; tail -8 "$OUT/bench_trl.log"
 echo "=== scale-out checks (FSDP, FSDP+LoRA, DDP config) on one GPU"
 OUT="$OUT" timeout 120 bash tests/gpu/scaleout_check.sh > "$OUT/scaleout.log" 2>&1
