@@ -46,8 +46,9 @@ backward is 2x forward whenever gradients cross them. Nothing before the first t
         2·(vision_lin + vision_attn + proj) + 3·lm_lin + 4·lm_attn + 3·head + 3·lora
         (vision and projector: policy + reference forward only; lm_lin: 2 forwards + input gradient; lm_attn:
          2 forwards + 2x backward; head: 2 forwards + input gradient; lora: forward + input and weight gradients)
-HFU (hardware FLOPs utilisation) adds gradient checkpointing's recomputation: one more forward of the checkpointed
-decoder layers (and, for full fine-tuning, of the vision encoder layers) in the trained path. MFU excludes it.
+HFU (hardware FLOPs utilisation) adds the recomputations: under gradient checkpointing one more forward of the
+checkpointed decoder layers (and, for full fine-tuning, of the vision encoder layers) in the trained path, and the
+fused LM head's recomputation of the policy's head in backward (+1·head). MFU excludes them.
 
 Run on one H200 (about 3 to 4 minutes for ``--model all``, model builds included):
     PYTHONPATH=src PYTHONUNBUFFERED=1 python3 bench/bench_gpu.py --model all --json bench_gpu.json
@@ -334,8 +335,12 @@ def forward_flops(arch: Arch, work: Work) -> dict[str, float]:
     }
 
 
-def step_flops(arch: Arch, work: Work, lora: bool, checkpointing: bool) -> tuple[float, float]:
-    """(model FLOPs, hardware FLOPs) of one training step: policy forward + backward and reference forward."""
+def step_flops(arch: Arch, work: Work, lora: bool, checkpointing: bool,
+               fused_head: bool = True) -> tuple[float, float]:
+    """(model FLOPs, hardware FLOPs) of one training step: policy forward + backward and reference forward.
+
+    Hardware FLOPs add the recomputations: checkpointed layers' forwards and, with adpo's fused LM head (the
+    default), the policy head's forward again in its backward."""
     f = forward_flops(arch, work)
     if lora:
         model = (2 * (f["vision_lin"] + f["vision_attn"] + f["proj"]) + 3 * f["lm_lin"] + 4 * f["lm_attn"]
@@ -344,7 +349,7 @@ def step_flops(arch: Arch, work: Work, lora: bool, checkpointing: bool) -> tuple
     else:
         model = 4 * sum(v for k, v in f.items() if k != "lora")
         recompute = f["vision_lin"] + f["vision_attn"] + f["lm_lin"] + f["lm_attn"]
-    return model, model + (recompute if checkpointing else 0.0)
+    return model, model + (recompute if checkpointing else 0.0) + (f["head"] if fused_head else 0.0)
 
 
 def idefics3_tiles(batch: dict[str, torch.Tensor], config: Any) -> int:

@@ -3,7 +3,8 @@
 On the scaled-down configs, with eager attention so every product is a counted matmul: one forward through adpo's
 response_logps must cost exactly what ``forward_flops`` says (LLaVA-NeXT: within the class token's share of the
 patch convolution, which the count includes and CLIP does not convolve), and a LoRA policy's forward + backward what
-``step_flops`` says minus the reference forward.
+``step_flops`` says (hardware FLOPs: the fused LM head recomputes its forward in backward) minus the reference
+forward.
 """
 
 from __future__ import annotations
@@ -84,6 +85,9 @@ def test_lora_policy_forward_backward_flops_match_torch_flop_counter(bench, text
     if text_input_grads:
         model.get_input_embeddings().register_forward_hook(lambda module, inputs, out: out.requires_grad_(True))
     f = bench.forward_flops(arch, work)
-    step, _ = bench.step_flops(arch, work, lora=True, checkpointing=False)
+    # Hardware FLOPs: the fused LM head recomputes the policy's head forward in backward (+1·head).
+    _, step = bench.step_flops(arch, work, lora=True, checkpointing=False)
+    model_only, _ = bench.step_flops(arch, work, lora=True, checkpointing=False, fused_head=False)
+    assert step - model_only == f["head"] > 0
     policy = step - sum(v for k, v in f.items() if k != "lora")  # minus the reference forward
     assert counted(model, batch, mask, backward=True) == pytest.approx(policy, rel=tolerance, abs=0)
