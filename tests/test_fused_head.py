@@ -13,7 +13,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adpo.collator import ADPOCollator
 from adpo.config import ADPOConfig
-from adpo.logprobs import HeadLogps, fused_head_blocker, head_logps, response_logps, token_logps
+from adpo.logprobs import (
+    HeadLogps,
+    head_blocker,
+    head_logps,
+    head_output_unchanged,
+    response_logps,
+    token_logps,
+)
 from adpo.trainer import ADPOTrainer
 
 ROWS = [
@@ -60,37 +67,57 @@ def test_float32_equals_the_unfused_head(chunk: int) -> None:
 
 
 def test_frozen_head_gets_no_gradient_but_hidden_does() -> None:
+    """A frozen head: the hidden states' gradient is right and backward does no weight-gradient matmul — it costs
+    exactly the recomputation and the input gradient, 2 × 2·N·H·V FLOPs (a weight gradient would add a third)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     torch.manual_seed(2)
-    head = nn.Linear(16, 50, bias=False).requires_grad_(False)
-    hidden = torch.randn(9, 16, requires_grad=True)
-    targets = torch.randint(0, 50, (9,))
+    n, h, v = 9, 16, 50
+    head = nn.Linear(h, v, bias=False).requires_grad_(False)
+    hidden = torch.randn(n, h, requires_grad=True)
+    targets = torch.randint(0, v, (n,))
     got = head_logps(hidden, head, targets, chunk=16)
-    (grad,) = _grads(got, [hidden])
+    with FlopCounterMode(display=False) as counter:
+        (grad,) = _grads(got, [hidden])
+    assert counter.get_total_flops() == 2 * (2 * n * h * v)
     (want,) = _grads(token_logps(head(hidden), targets), [hidden])
     torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6)
-    assert head.weight.grad is None
 
 
-def test_bf16_autocast_runs_the_heads_matmul_in_bf16() -> None:
-    """Under autocast the head's F.linear runs in bf16 (fp32 master weights): the fused head does the same, so its
-    log-probs equal the model's to fp32 rounding, and its gradients to bf16 rounding (it accumulates the hidden
-    states' gradient over blocks in fp32, where the plain backward rounds one bf16 matmul)."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_runs_the_heads_matmul_in_the_autocast_dtype(dtype: torch.dtype) -> None:
+    """Under autocast the head's F.linear runs in bf16/fp16 (fp32 master weights): the fused head does the same, so
+    its log-probs equal the model's to fp32 rounding, and its gradients to half-precision rounding (its per-block
+    products are summed in fp32 where the plain backward rounds one matmul)."""
     torch.manual_seed(3)
     head = nn.Linear(64, 1000)
     hidden = torch.randn(30, 64, requires_grad=True)
     targets = torch.randint(0, 1000, (30,))
     params = [hidden, head.weight, head.bias]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         got = head_logps(hidden, head, targets, chunk=300)
         want = token_logps(head(hidden), targets)
         got_grads, want_grads = _grads(got, params), _grads(want, params)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     fp32 = token_logps(nn.functional.linear(hidden, head.weight, head.bias), targets)
-    assert (fp32 - want).abs().max() > 1e-3  # autocast really changed the numbers the two paths agree on
+    assert (fp32 - want).abs().max() > 1e-4  # autocast really changed the numbers the two paths agree on
     for g, w in zip(got_grads, want_grads, strict=True):
         assert g.dtype == w.dtype
         torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2 * w.abs().max().item())
+
+
+def test_float64_weights_are_not_cast_by_autocast() -> None:
+    """Autocast never casts float64: neither does the fused head (float64 in, float64 out)."""
+    torch.manual_seed(4)
+    head = nn.Linear(8, 40).double()
+    hidden = torch.randn(5, 8, dtype=torch.float64)
+    targets = torch.randint(0, 40, (5,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = head_logps(hidden, head, targets, chunk=16)
+    want = torch.log_softmax(head(hidden), -1).gather(1, targets[:, None]).squeeze(1)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
 def _saved_for_backward(fn) -> list[torch.Size]:
@@ -106,6 +133,13 @@ def _saved_for_backward(fn) -> list[torch.Size]:
     return shapes
 
 
+def _text_batch(tok) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    batch = ADPOCollator(tok, multimodal=False)([dict(r, _adpo_row=i) for i, r in enumerate(ROWS)])
+    mask = batch.pop("response_mask")
+    batch.pop("row_ids")
+    return batch, mask
+
+
 def test_nothing_of_size_tokens_by_vocabulary_is_kept_for_backward(tmp_path) -> None:
     """With the fused head no tensor kept for backward has N × V elements (N response tokens, V = 16k vocabulary);
     the model's own head keeps some. The check itself is shown to catch them."""
@@ -113,12 +147,12 @@ def test_nothing_of_size_tokens_by_vocabulary_is_kept_for_backward(tmp_path) -> 
 
     path = build_tiny_llama(tmp_path / "vocab16k", model_vocab_size=16384)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).train()
-    tok = AutoTokenizer.from_pretrained(path)
-    batch = ADPOCollator(tok, multimodal=False)([dict(r, _adpo_row=i) for i, r in enumerate(ROWS)])
-    mask = batch.pop("response_mask")
-    batch.pop("row_ids")
+    batch, mask = _text_batch(AutoTokenizer.from_pretrained(path))
     n, vocab = int(mask.sum()), model.config.vocab_size
     head = model.get_output_embeddings()
+    with torch.no_grad():
+        response_logps(model, head, batch, mask)  # the first call checks the model and uses its own head
+    assert head_output_unchanged(head) is True
 
     def vocabulary_sized(fused: bool) -> list[torch.Size]:
         shapes = _saved_for_backward(lambda: response_logps(model, head, batch, mask, fused=fused))
@@ -130,53 +164,150 @@ def test_nothing_of_size_tokens_by_vocabulary_is_kept_for_backward(tmp_path) -> 
     assert vocabulary_sized(fused=True) == []
 
 
-def test_response_logps_fused_equals_unfused_with_gradients(tiny_llama) -> None:
-    """Through a whole model: the same per-row sums and the same gradient on every parameter."""
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied_embeddings"])
+def test_response_logps_fused_equals_unfused_with_gradients(tiny_llama, tied: bool) -> None:
+    """Through a whole model, with 64-entry vocabulary blocks (7 of them): the same per-row sums and the same
+    gradient on every parameter, also when the head's weight is the input embedding's."""
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).train()
-    tok = AutoTokenizer.from_pretrained(tiny_llama)
-    batch = ADPOCollator(tok, multimodal=False)([dict(r, _adpo_row=i) for i, r in enumerate(ROWS)])
-    mask = batch.pop("response_mask")
-    batch.pop("row_ids")
+    if tied:
+        model.lm_head.weight = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    batch, mask = _text_batch(AutoTokenizer.from_pretrained(tiny_llama))
+    with torch.no_grad():
+        response_logps(model, head, batch, mask)
     params = [p for p in model.parameters() if p.requires_grad]
     results = {}
     for fused in (True, False):
-        sums = response_logps(model, model.get_output_embeddings(), batch, mask, fused=fused).sums
+        sums = response_logps(model, head, batch, mask, fused=fused, vocab_chunk=64).sums
         results[fused] = (sums.detach(), _grads(sums, params))
+    assert model.config.vocab_size > 6 * 64
     torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-6, atol=1e-5)
     for g, w in zip(results[True][1], results[False][1], strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 
 
 def test_trainer_flag_selects_the_head(tiny_llama, tmp_path) -> None:
-    """--fused_lm_head (default) vs false: the head returns (N,) log-probs vs (N, V) logits; the loss is the same."""
+    """--fused_lm_head (default): the first call scores with the model's head, (N, V) logits, and checks the model;
+    from then on the head returns (N,) log-probs. false: always (N, V). The losses are the same."""
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     collator = ADPOCollator(tok, multimodal=False)
     rows = [dict(r, _adpo_row=i) for i, r in enumerate(ROWS)]
-    head = model.get_output_embeddings()
+    n, vocab = int(collator(rows)["response_mask"].sum()), model.config.vocab_size
     outputs: list[tuple[int, ...]] = []
-    head.register_forward_hook(lambda module, args, out: outputs.append(tuple(out.shape)))
+    model.get_output_embeddings().register_forward_hook(lambda module, args, out: outputs.append(tuple(out.shape)))
     losses = {}
-    for fused in (True, False):
+    for fused, expected in ((True, [(n, vocab), (n,), (n,), (n,)]), (False, [(n, vocab)] * 4)):
         trainer = ADPOTrainer(model=model, args=ADPOConfig(output_dir=str(tmp_path), report_to="none",
                                                            fused_lm_head=fused),
                               ref_model=model, data_collator=collator, processing_class=tok)
         outputs.clear()
-        losses[fused], _ = trainer.loss_and_metrics(model, collator(rows))
-        n = int(collator(rows)["response_mask"].sum())
-        assert outputs == ([(n,)] * 2 if fused else [(n, model.config.vocab_size)] * 2)  # policy and reference
-    torch.testing.assert_close(losses[True], losses[False], rtol=0, atol=1e-6)
+        losses[fused] = [trainer.loss_and_metrics(model, collator(rows))[0] for _ in range(2)]
+        assert outputs == expected  # reference and policy, twice
+    torch.testing.assert_close(torch.stack(losses[True]), torch.stack(losses[False]), rtol=0, atol=1e-6)
 
 
-def test_blocker_names_what_stops_the_fused_head(tiny_llama) -> None:
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
-    assert fused_head_blocker(model) is None
-    model.config.logit_scale = 0.5
-    assert "logit_scale=0.5" in fused_head_blocker(model)
-    model.config.logit_scale = None
+def test_head_blocker_names_what_stops_the_fused_head() -> None:
+    assert head_blocker(nn.Linear(4, 8)) is None
 
-    class ScaledLinear(nn.Linear):
+    class QuantisedLinear(nn.Linear):
         pass
 
-    model.lm_head = ScaledLinear(model.config.hidden_size, model.config.vocab_size, bias=False)
-    assert "ScaledLinear, not a plain torch.nn.Linear" in fused_head_blocker(model)
+    assert "QuantisedLinear, not a plain torch.nn.Linear" in head_blocker(QuantisedLinear(4, 8))
+    assert "not a plain torch.nn.Linear" in head_blocker(nn.Embedding(8, 4))
+    hooked = nn.Linear(4, 8)
+    hooked.forward = lambda x: x  # what accelerate's device-map hooks do
+    assert "already replaced" in head_blocker(hooked)
+
+
+class Transformed(nn.Module):
+    """A causal LM that changes its logits after the head, as some models do (slicing off padded vocabulary
+    entries, or scaling)."""
+
+    def __init__(self, inner: nn.Module, how: str, keep: int) -> None:
+        super().__init__()
+        self.inner, self.how, self.keep = inner, how, keep
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.inner.get_output_embeddings()
+
+    def forward(self, **kwargs):  # noqa: ANN003, ANN201
+        out = self.inner(**kwargs)
+        out.logits = out.logits[..., : self.keep] if self.how == "slice" else out.logits * 2.0
+        return out
+
+
+@pytest.mark.parametrize("how", ["slice", "scale"])
+def test_a_model_that_transforms_its_logits_keeps_its_own_head(tiny_llama, how: str) -> None:
+    """The first call finds the transform (a vocabulary slice is invisible to a value check on (N,) log-probs, so
+    the check compares the head's logits with the model's); every call then gives the model's log-probs; forcing
+    the fused head is refused."""
+    inner = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    batch, mask = _text_batch(AutoTokenizer.from_pretrained(tiny_llama))
+    keep = int(batch["input_ids"].max()) + 1  # like a padded vocabulary: the entries past it are never targets
+    assert keep < inner.config.vocab_size
+    model = Transformed(inner, how, keep)
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        logits = model(**batch).logits.float()
+        predictors = torch.zeros_like(mask)
+        predictors[:, :-1] = mask[:, 1:]
+        want = torch.zeros(mask.shape[0]).index_add(
+            0, mask.nonzero()[:, 0], token_logps(logits[predictors], batch["input_ids"][mask]))
+        for call in range(2):
+            got = response_logps(model, head, batch, mask).sums
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5, msg=f"call {call}")
+            assert head_output_unchanged(head) is False
+        with pytest.raises(RuntimeError, match="transforms its LM head's output"):
+            response_logps(model, head, batch, mask, fused=True)
+        plain = response_logps(inner, head, batch, mask, fused=False).sums
+    assert (plain - want).abs().max() > 0.1  # the transform matters
+
+
+def test_nan_weights_give_nan_log_probs_not_an_error(tiny_llama) -> None:
+    """A NaN in the head's weight (the non-finite guard's business) is not mistaken for a transform."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        head.weight[5, 0] = float("nan")
+    batch, mask = _text_batch(AutoTokenizer.from_pretrained(tiny_llama))
+    with torch.no_grad():
+        first = response_logps(model, head, batch, mask).sums
+        assert head_output_unchanged(head) is True
+        fused = response_logps(model, head, batch, mask, fused=True).sums
+    assert first.isnan().all() and fused.isnan().all()
+
+
+def test_a_head_with_its_own_forward_is_left_alone(tiny_llama) -> None:
+    """A head whose forward is already replaced (accelerate's hooks) is scored through that forward, which stays in
+    place; forcing the fused head is refused."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    head = model.get_output_embeddings()
+    calls = []
+    original = head.forward
+
+    def wrapped(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    head.forward = wrapped
+    batch, mask = _text_batch(AutoTokenizer.from_pretrained(tiny_llama))
+    with torch.no_grad():
+        got = response_logps(model, head, batch, mask).sums
+        with pytest.raises(ValueError, match="already replaced"):
+            response_logps(model, head, batch, mask, fused=True)
+        del head.forward
+        want = response_logps(model, head, batch, mask, fused=False).sums
+    assert calls == [1]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_float64_model_through_response_logps(tiny_llama) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float64).eval()
+    head = model.get_output_embeddings()
+    batch, mask = _text_batch(AutoTokenizer.from_pretrained(tiny_llama))
+    with torch.no_grad():
+        results = [response_logps(model, head, batch, mask).sums for _ in range(2)]  # model's head, then fused
+    assert head_output_unchanged(head) is True
+    assert results[1].dtype == torch.float32
+    torch.testing.assert_close(results[1], results[0], rtol=1e-6, atol=1e-5)

@@ -208,8 +208,9 @@ class ADPOConfig(TrainingArguments):
         default=True,
         metadata={"help": "Score response tokens with adpo's vocabulary-chunked LM head: never holds all tokens × "
                   "vocabulary logits (backward recomputes them), so step memory does not grow with the vocabulary. "
-                  "Used automatically only where the model returns its head's output unchanged (not e.g. with "
-                  "Gemma-2 logit soft-capping). false: the model's own head at the response positions."},
+                  "Used where the head is a plain Linear and the model returns its output unchanged (checked on "
+                  "the first batch, which the model's own head scores; not e.g. with Gemma-2 logit soft-capping). "
+                  "false: the model's own head at the response positions."},
     )
     # Defaults that differ from TrainingArguments'.
     remove_unused_columns: bool = field(

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from .collator import RESPONSE_MASK, ROW_IDS, ADPOCollator
 from .config import ModelArguments
 from .data import ROW_ID, load_adpo_dataset
-from .logprobs import response_logps, use_fused_head
+from .logprobs import response_logps
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def pair_logps(
     batch.pop(ROW_IDS)
     inputs = {k: v.to(device) for k, v in batch.items()}
     head = model.get_output_embeddings()
-    chosen, rejected = response_logps(model, head, inputs, mask, fused=use_fused_head(model)).sums.cpu().chunk(2)
+    chosen, rejected = response_logps(model, head, inputs, mask).sums.cpu().chunk(2)
     return chosen, rejected
 
 

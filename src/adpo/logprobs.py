@@ -11,8 +11,10 @@ materialised for prompt, image or pad positions. Two ways to score those positio
   then an fp32 log-softmax.
 - **unfused** (:func:`lm_head_only_at`): a forward pre-hook selects the response-predicting hidden states, the head
   returns their ``(N, V)`` logits and :func:`token_logps` takes an fp32 log-softmax, chunked over rows. Used where
-  the model post-processes its logits (e.g. Gemma-2 soft-capping, see :func:`fused_head_blocker`) or the head is not
-  a plain ``nn.Linear``.
+  the head is not a plain ``nn.Linear`` (:func:`head_blocker`) or the model transforms the head's output before
+  returning it (e.g. Gemma-2 logit soft-capping): the first call with each head runs this path and records whether
+  the model returned the head's output unchanged (:func:`head_output_unchanged`); only then does the fused head
+  stand in for it.
 
 Both hook the module the model itself calls, so the forward still goes through whatever wraps the model
 (DDP, DeepSpeed, PEFT), and under ZeRO-3 the head's weight is gathered exactly when the head runs.
@@ -29,13 +31,11 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 logger = logging.getLogger(__name__)
 
 VOCAB_CHUNK = 8192  # vocabulary entries per block of the fused head: N × 8192 fp32 logits at a time
-
-# Config attributes through which a model transforms the LM head's output before returning it as ``logits``.
-LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 class ResponseLogps(NamedTuple):
@@ -107,11 +107,15 @@ def _target_slot(targets: torch.Tensor, start: int, end: int) -> tuple[torch.Ten
 
 
 class HeadLogps(torch.autograd.Function):
-    """log softmax(hidden @ weightᵀ + bias)[targets], fp32 (N,), one vocabulary block of ``chunk`` at a time.
+    """log softmax(hidden @ weightᵀ + bias)[targets], (N,) fp32 (float64 for float64), one vocabulary block of
+    ``chunk`` entries at a time.
 
-    ``compute_dtype`` is the dtype the model's ``F.linear`` would run in (autocast's, else the weight's); the fp32
-    log-softmax over blocks uses an online log-sum-exp. Backward recomputes each block's logits, so nothing of size
-    ``N × V`` is ever saved or held: d logp_i / d z_ij = 1[j = t_i] − softmax(z_i)_j.
+    ``compute_dtype`` is the dtype the model's ``F.linear`` would run in (autocast's, else the weight's); the
+    log-softmax over blocks uses an online log-sum-exp in fp32. Backward recomputes each block's logits, so nothing
+    of size ``N × V`` is ever saved or held: d logp_i / d z_ij = 1[j = t_i] − softmax(z_i)_j. The hidden states'
+    gradient is the sum of one ``compute_dtype`` matmul per block, summed in fp32 (in bf16 that is one rounding per
+    block, where the plain backward rounds one matmul over the whole vocabulary: equal to bf16 precision). Not
+    twice differentiable.
     """
 
     @staticmethod
@@ -140,6 +144,7 @@ class HeadLogps(torch.autograd.Function):
         return target_logit - lse
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         h, weight, bias, targets, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -168,13 +173,24 @@ class HeadLogps(torch.autograd.Function):
 def head_logps(
     hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, chunk: int = VOCAB_CHUNK
 ) -> torch.Tensor:
-    """(N,) fp32 log-probs of ``targets`` under ``head`` applied to ``hidden`` (N, H), without (N, V) logits."""
+    """(N,) log-probs of ``targets`` under ``head`` applied to ``hidden`` (N, H), without (N, V) logits.
+
+    The matmuls run in the dtype the head's own ``F.linear`` would use: autocast's where autocast is on and the
+    weight is not float64 (autocast never casts float64), else the weight's. Output: fp32 (float64 for float64)."""
     device = hidden.device.type
-    if torch.is_autocast_enabled(device):
+    dtype = head.weight.dtype
+    if torch.is_autocast_enabled(device) and dtype != torch.float64:
         dtype = torch.get_autocast_dtype(device)
-    else:
-        dtype = head.weight.dtype
     return HeadLogps.apply(hidden, head.weight, head.bias, targets, chunk, dtype)
+
+
+def head_blocker(head: nn.Module) -> str | None:
+    """Why the fused head cannot stand in for ``head`` (the model's output embedding), or None if it can."""
+    if type(head) is not nn.Linear:
+        return f"its LM head is a {type(head).__name__}, not a plain torch.nn.Linear"
+    if "forward" in vars(head):
+        return "its LM head's forward is already replaced (e.g. by accelerate's device_map hooks)"
+    return None
 
 
 @contextmanager
@@ -182,7 +198,13 @@ def fused_lm_head_at(
     head: nn.Linear, positions: torch.Tensor, targets: torch.Tensor, chunk: int = VOCAB_CHUNK
 ) -> Iterator[list[torch.Tensor]]:
     """Within the block, calling ``head`` on hidden states (R, L, H) returns the (N,) log-probs of ``targets`` at
-    ``positions`` (R, L) bool (row-major order) instead of logits. Yields the list the results are appended to."""
+    ``positions`` (R, L) bool (row-major order) instead of logits. Yields the list the results are appended to.
+
+    The head's ``forward`` is shadowed by an instance attribute for the duration (module hooks still run around
+    it), so the same head must not be scored from two threads at once."""
+    reason = head_blocker(head)
+    if reason is not None:
+        raise ValueError(f"The fused LM head cannot stand in for this model's head: {reason}.")
     produced: list[torch.Tensor] = []
 
     def forward(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -190,49 +212,60 @@ def fused_lm_head_at(
         produced.append(head_logps(hidden[positions], head, targets, chunk))
         return produced[-1]
 
-    head.forward = forward  # an instance attribute shadows the class's forward; hooks still run around it
+    head.forward = forward
     try:
         yield produced
     finally:
         del head.forward
 
 
-def fused_head_blocker(model: nn.Module) -> str | None:
-    """Why the fused head cannot score ``model`` (an unwrapped ``PreTrainedModel``), or None if it can."""
-    head = model.get_output_embeddings()
-    if type(head) is not nn.Linear:
-        return f"its LM head is a {type(head).__name__}, not a plain torch.nn.Linear"
-    if "forward" in vars(head):
-        return "its LM head's forward is wrapped (e.g. by accelerate's device_map hooks)"
-    config = getattr(model, "config", None)
-    sub_configs = getattr(config, "sub_configs", {})
-    configs = [] if config is None else [config, *(getattr(config, name, None) for name in sub_configs)]
-    for cfg in configs:
-        for name in LOGIT_TRANSFORMS:
-            if getattr(cfg, name, None) not in (None, 1, 1.0):
-                return f"it transforms its logits after the LM head ({name}={getattr(cfg, name)})"
-    return None
+# Per LM head: whether its model returns the head's output unchanged as ``logits`` (found on the first call).
+_returns_head_output: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+_logged: set[str] = set()
 
 
-_reported: set[str] = set()
-_verified_heads: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # heads whose model returned the fused output as is
+def head_output_unchanged(head: nn.Module) -> bool | None:
+    """Whether the model of ``head`` returned the head's output unchanged on the first call (None: not called yet).
+    True means the fused head stands in for it."""
+    return _returns_head_output.get(head)
 
 
-def use_fused_head(model: nn.Module, requested: bool = True) -> bool:
-    """Whether to score ``model`` (unwrapped) with the fused head; logs once why not when it was requested."""
-    if not requested:
-        return False
-    reason = fused_head_blocker(model)
-    if reason is not None and reason not in _reported:
-        _reported.add(reason)
-        logger.info("scoring with the model's own LM head (full-vocabulary logits at response positions): %s",
-                    reason)
-    return reason is None
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        logger.warning(message)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shapes and values, NaN equal to NaN (a NaN from the weights is the guard's business, not a transform)."""
+    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def _score_and_check(
+    model: nn.Module, head: nn.Module, inputs: dict[str, torch.Tensor], predictors: torch.Tensor,
+    targets: torch.Tensor,
+) -> torch.Tensor:
+    """The first call with ``head``: score with the model's own head (this call's answer) and record whether the
+    model returned the head's output unchanged, i.e. whether the fused head may stand in for it from now on."""
+    raw: list[torch.Tensor] = []
+    handle = head.register_forward_hook(lambda module, args, out: raw.append(out))
+    try:
+        with lm_head_only_at(head, predictors):
+            logits = model(**inputs, use_cache=False).logits  # (N, V)
+    finally:
+        handle.remove()
+    unchanged = len(raw) == 1 and _same(raw[0].detach(), logits.detach())
+    _returns_head_output[head] = unchanged
+    if not unchanged:
+        _log_once("The model transforms its LM head's output before returning it (e.g. logit soft-capping or "
+                  "scaling), or calls the head more than once: it is scored with its own head (full-vocabulary "
+                  "logits at the response positions), not adpo's fused head.")
+    return token_logps(logits, targets)
 
 
 def response_logps(
     model: nn.Module, head: nn.Module, inputs: dict[str, torch.Tensor], response_mask: torch.Tensor,
-    fused: bool = True, vocab_chunk: int = VOCAB_CHUNK,
+    fused: bool | None = None, vocab_chunk: int = VOCAB_CHUNK,
 ) -> ResponseLogps:
     """Run ``model`` once on ``inputs`` and sum the log-probs of the tokens marked by ``response_mask``.
 
@@ -241,33 +274,52 @@ def response_logps(
         head: the model's output embedding (``get_output_embeddings()`` of the unwrapped model).
         inputs: model inputs; ``input_ids`` (R, L) plus whatever the processor produced.
         response_mask: (R, L) bool, True at response tokens. No row's response may start at position 0.
-        fused: score with the vocabulary-chunked head (:func:`fused_lm_head_at`; ``head`` must be an
-            ``nn.Linear`` whose output the model returns unchanged, see :func:`fused_head_blocker`); False: the
-            model's own head on the response positions.
+        fused: None (default): adpo's vocabulary-chunked head (:func:`fused_lm_head_at`) wherever it gives the
+            model's own log-probs — ``head`` is a plain ``nn.Linear`` and the model returns the head's output
+            unchanged, which the first call with each head checks (that call is scored with the model's head);
+            else the model's head. True: the same, but an error where the fused head cannot be used. False: the
+            model's own head at the response positions.
         vocab_chunk: vocabulary entries per block of the fused head.
     """
     # The hidden state at t predicts the token at t + 1.
     predictors = torch.zeros_like(response_mask)
     predictors[:, :-1] = response_mask[:, 1:]
     targets = inputs["input_ids"][response_mask]
-    if fused:
-        if not isinstance(head, nn.Linear):
-            raise TypeError(f"fused=True needs an nn.Linear LM head, got {type(head).__name__}.")
+    use_fused = False
+    if fused is not False:
+        reason = head_blocker(head)
+        if reason is not None:
+            if fused:
+                raise ValueError(f"fused=True: the fused LM head cannot stand in for this model's head: {reason}.")
+            _log_once(f"Scoring with the model's own LM head (full-vocabulary logits at the response positions): "
+                      f"{reason}.")
+        elif head not in _returns_head_output:
+            per_token = _score_and_check(model, head, inputs, predictors, targets)
+            if fused and not _returns_head_output[head]:
+                raise RuntimeError("fused=True: the model transforms its LM head's output, so the fused head's "
+                                   "log-probs would not be its log-probs (CLI: --fused_lm_head false).")
+            return _sums(per_token, response_mask)
+        elif _returns_head_output[head]:
+            use_fused = True
+        elif fused:
+            raise RuntimeError("fused=True: the model transforms its LM head's output, so the fused head's "
+                               "log-probs would not be its log-probs (CLI: --fused_lm_head false).")
+    if use_fused:
         with fused_lm_head_at(head, predictors, targets, vocab_chunk) as produced:
             per_token = model(**inputs, use_cache=False).logits
-        # Wrappers may pass the head's output on as a new tensor (DDP clones it, DeepSpeed adds backward hooks), so
-        # the check is on values, once per head: a model that transforms logits does so on every call.
-        if len(produced) != 1 or per_token.shape != produced[0].shape or (
-            head not in _verified_heads and not torch.equal(per_token.detach(), produced[0].detach())
-        ):
-            raise RuntimeError("The model transformed its LM head's output (or called the head more than once), so "
-                               "the fused head's log-probs are not its log-probs; score it with fused=False "
-                               "(CLI: --fused_lm_head false).")
-        _verified_heads.add(head)
+        if len(produced) != 1 or per_token.shape != produced[0].shape:
+            raise RuntimeError("The model called its LM head differently than on the first call (the fused head "
+                               "returned log-probs of shape "
+                               f"{[tuple(p.shape) for p in produced]}, the model {tuple(per_token.shape)}).")
+        per_token = per_token.float()
     else:
         with lm_head_only_at(head, predictors):
             logits = model(**inputs, use_cache=False).logits  # (N, V)
         per_token = token_logps(logits, targets)
+    return _sums(per_token, response_mask)
+
+
+def _sums(per_token: torch.Tensor, response_mask: torch.Tensor) -> ResponseLogps:
     rows = response_mask.nonzero()[:, 0]
     sums = torch.zeros(response_mask.shape[0], dtype=torch.float32, device=per_token.device)
     sums = sums.index_add(0, rows, per_token)

@@ -24,7 +24,7 @@ from .collator import RESPONSE_MASK, ROW_IDS
 from .config import ADPOConfig
 from .distributed import dummy_image_inputs, prepare_reference, vision_tower_every_forward
 from .guard import NonFiniteGuard
-from .logprobs import ResponseLogps, response_logps, use_fused_head
+from .logprobs import ResponseLogps, response_logps
 from .losses import adpo_loss, multitask_loss
 from .refcache import (
     RefLogpsTable,
@@ -87,7 +87,7 @@ class ADPOTrainer(Trainer):
     def _logps(self, model: nn.Module, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> ResponseLogps:
         unwrapped = self.accelerator.unwrap_model(model)
         with vision_tower_every_forward(unwrapped, inputs, self._image_placeholder()):
-            fused = use_fused_head(unwrapped, self.args.fused_lm_head)
+            fused = None if self.args.fused_lm_head else False  # None: wherever it gives the model's log-probs
             return response_logps(model, unwrapped.get_output_embeddings(), inputs, mask, fused=fused)
 
     def _image_placeholder(self) -> dict[str, torch.Tensor] | None:
