@@ -150,7 +150,7 @@ class ADPOTrainer(Trainer):
         inputs = dict(inputs)
         mask = inputs.pop(RESPONSE_MASK)
         row_ids = inputs.pop(ROW_IDS, None)
-        # Named ranges for torch.profiler traces (no cost when no profiler runs).
+        # Named ranges for torch.profiler traces (negligible cost when no profiler runs).
         with record_function("adpo.reference_logps"):
             ref = self.reference_logps(model, inputs, mask, row_ids)
         with record_function("adpo.policy_logps"):
