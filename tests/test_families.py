@@ -263,7 +263,7 @@ def test_logit_softcapping_falls_back_to_the_models_head(tiny: Any, mixed_jsonl:
     model.config.text_config.final_logit_softcapping = 0.05
     mask = batch.pop("response_mask")
     batch.pop("row_ids")
-    with pytest.raises(RuntimeError, match="transforms its LM head's output.*--fused_lm_head false"):
+    with pytest.raises(ValueError, match="transforms its LM head's output.*--fused_lm_head false"):
         response_logps(model, model.get_output_embeddings(), batch, mask, fused=True)
 
 

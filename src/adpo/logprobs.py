@@ -236,6 +236,14 @@ def _log_once(message: str) -> None:
         logger.warning(message)
 
 
+def _why_not_fused(head: nn.Module) -> str | None:
+    reason = head_blocker(head)
+    if reason is None and _returns_head_output.get(head) is False:
+        reason = ("the model transforms its LM head's output before returning it (e.g. logit soft-capping, scaling "
+                  "or vocabulary slicing), or calls the head more than once")
+    return reason
+
+
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal shapes and values, NaN equal to NaN (a NaN from the weights is the guard's business, not a transform)."""
     return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
@@ -254,12 +262,7 @@ def _score_and_check(
             logits = model(**inputs, use_cache=False).logits  # (N, V)
     finally:
         handle.remove()
-    unchanged = len(raw) == 1 and _same(raw[0].detach(), logits.detach())
-    _returns_head_output[head] = unchanged
-    if not unchanged:
-        _log_once("The model transforms its LM head's output before returning it (e.g. logit soft-capping or "
-                  "scaling), or calls the head more than once: it is scored with its own head (full-vocabulary "
-                  "logits at the response positions), not adpo's fused head.")
+    _returns_head_output[head] = len(raw) == 1 and _same(raw[0].detach(), logits.detach())
     return token_logps(logits, targets)
 
 
@@ -287,23 +290,19 @@ def response_logps(
     targets = inputs["input_ids"][response_mask]
     use_fused = False
     if fused is not False:
-        reason = head_blocker(head)
+        first_call = head_blocker(head) is None and head not in _returns_head_output
+        if first_call:  # scored with the model's own head, which tells whether the fused one may stand in
+            per_token = _score_and_check(model, head, inputs, predictors, targets)
+        reason = _why_not_fused(head)
         if reason is not None:
             if fused:
-                raise ValueError(f"fused=True: the fused LM head cannot stand in for this model's head: {reason}.")
+                raise ValueError(f"fused=True: the fused LM head cannot stand in for this model's head: {reason} "
+                                 "(CLI: --fused_lm_head false).")
             _log_once(f"Scoring with the model's own LM head (full-vocabulary logits at the response positions): "
                       f"{reason}.")
-        elif head not in _returns_head_output:
-            per_token = _score_and_check(model, head, inputs, predictors, targets)
-            if fused and not _returns_head_output[head]:
-                raise RuntimeError("fused=True: the model transforms its LM head's output, so the fused head's "
-                                   "log-probs would not be its log-probs (CLI: --fused_lm_head false).")
+        if first_call:
             return _sums(per_token, response_mask)
-        elif _returns_head_output[head]:
-            use_fused = True
-        elif fused:
-            raise RuntimeError("fused=True: the model transforms its LM head's output, so the fused head's "
-                               "log-probs would not be its log-probs (CLI: --fused_lm_head false).")
+        use_fused = reason is None
     if use_fused:
         with fused_lm_head_at(head, predictors, targets, vocab_chunk) as produced:
             per_token = model(**inputs, use_cache=False).logits
