@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -70,6 +71,17 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if training_args.should_log else logging.WARNING,
     )
     from ..distributed import destroy_process_group
+
+    train_and_save(model_args, data_args, training_args)
+    # The trainer is gone with train_and_save's frame; its DDP wrapper held the process group. Collect it now, while
+    # the interpreter is whole: a gloo group first freed during interpreter shutdown can abort the process.
+    gc.collect()
+    destroy_process_group()
+    return 0
+
+
+def train_and_save(model_args: ModelArguments, data_args: DataArguments, training_args: ADPOConfig) -> None:
+    """Build the trainer, train, save the model (or adapter), its processor and the trainer state."""
     from ..pipeline import build_trainer  # heavy imports after argument errors are reported
 
     set_seed(training_args.seed)
@@ -85,8 +97,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"adpo: trained {result.global_step} steps, final train loss {result.training_loss:.4f}")
         print(f"adpo: saved {'adapter' if model_args.use_peft else 'model'} and processor to "
               f"{training_args.output_dir}")
-    destroy_process_group()  # DDP / DeepSpeed ranks exit cleanly instead of aborting at exit
-    return 0
 
 
 def run_entry_point(entry: Callable[[], int], prog: str) -> None:
