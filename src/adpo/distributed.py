@@ -248,9 +248,16 @@ def vision_tower_every_forward(
 
 # ---------------------------------------------------------------------------------------------- teardown
 def destroy_process_group() -> None:
-    """Tear the process group down after the last collective, so no process aborts (or warns) at exit."""
+    """Tear the process group down after the last collective, so no process aborts (or warns) at exit.
+
+    Call it once the trainer is unreachable: wrappers such as DDP hold the group, and a gloo group first freed during
+    interpreter shutdown can abort the process. The garbage collection here frees such holders caught in cycles.
+    """
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import os
 import sys
@@ -73,10 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..distributed import destroy_process_group
 
     train_and_save(model_args, data_args, training_args)
-    # The trainer is gone with train_and_save's frame; its DDP wrapper held the process group. Collect it now, while
-    # the interpreter is whole: a gloo group first freed during interpreter shutdown can abort the process.
-    gc.collect()
-    destroy_process_group()
+    destroy_process_group()  # the trainer, whose DDP wrapper held the group, went with train_and_save's frame
     return 0
 
 
