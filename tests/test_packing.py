@@ -17,7 +17,7 @@ from adpo.logprobs import response_logps
 from adpo.modeling import load_model_and_processor
 from adpo.packing import UNPACKABLE, pack, packed_forward, packing_blocker, padding_free_decision
 from adpo.synthetic import draw_shape
-from adpo.tiny import FAMILIES, build_tiny
+from adpo.testing.tiny import FAMILIES, build_tiny
 
 PACKING = [f for f in FAMILIES if f not in UNPACKABLE]
 
