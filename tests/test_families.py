@@ -29,6 +29,7 @@ from adpo.modeling import (
     COMPONENTS,
     apply_lora,
     component_path,
+    component_paths,
     freeze_components,
     load_model_and_processor,
     lora_targets,
@@ -370,13 +371,13 @@ def test_lora_suffixes_and_projector_without_linear(tiny: Any) -> None:
 def test_freeze_components(family: str, tiny: Any) -> None:
     """--freeze_vision_tower / --freeze_mm_projector fix exactly those components' parameters."""
     model, _ = load_model_and_processor(ModelArguments(model_name_or_path=str(tiny(family))))
-    vision, projector = component_path(model, "vision_tower"), component_path(model, "mm_projector")
+    vision, projector = component_path(model, "vision_tower"), component_paths(model, "mm_projector")
     assert freeze_components(model, ["vision_tower"]) > 0
     for name, param in model.named_parameters():
-        in_vision = _under(name, vision) and not _under(name, projector)
+        in_vision = _under(name, vision) and not any(_under(name, p) for p in projector)
         assert param.requires_grad != in_vision, name
     freeze_components(model, ["mm_projector"])
-    assert not any(p.requires_grad for n, p in model.named_parameters() if _under(n, projector))
+    assert not any(p.requires_grad for n, p in model.named_parameters() if any(_under(n, q) for q in projector))
     assert any(p.requires_grad for n, p in model.named_parameters() if _under(n, component_path(model,
                                                                                                "language_model")))
 
@@ -412,6 +413,8 @@ SIZE_KWARGS: dict[str, tuple[str, tuple[int, ...]]] = {
     # About 64x64 pixels (aspect kept): ~64 patches per image instead of 4-16; checked against image_grid_thw below.
     "qwen2_vl": ('{"size": {"shortest_edge": 3000, "longest_edge": 5000}}', (384,)),
     "qwen2_5_vl": ('{"size": {"shortest_edge": 3000, "longest_edge": 5000}}', (384,)),
+    "qwen3_vl": ('{"size": {"shortest_edge": 3000, "longest_edge": 5000}}', (384,)),
+    "qwen3_5": ('{"size": {"shortest_edge": 3000, "longest_edge": 5000}}', (384,)),
     "gemma3": ('{"size": {"height": 48, "width": 48}, "do_rescale": true}', (3, 48, 48)),
     "paligemma": ('{"size": {"height": 48, "width": 48}, "do_rescale": true}', (3, 48, 48)),
 }
