@@ -122,7 +122,10 @@ def load_processor(name_or_path: str, trust_remote_code: bool = False) -> Any:
     built, the same class without it (every saved setting kept). Raises :class:`ProcessorLoadError` naming the
     missing package or file when the processor cannot be loaded at all."""
     try:
-        return AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        return _check_tokenizer(AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code),
+                                name_or_path)
+    except ProcessorLoadError:
+        raise
     except Exception as err:  # noqa: BLE001 - diagnosed below; processors raise anything from their constructors
         auto_error = err
     cls = _saved_processor_class(name_or_path, trust_remote_code)
@@ -150,9 +153,19 @@ def load_processor(name_or_path: str, trust_remote_code: bool = False) -> Any:
         processor = sub(**parts, **unavailable, **_init_settings(cls, processor_dict))
     except Exception as err:  # noqa: BLE001
         raise ProcessorLoadError(f"Cannot build {cls.__name__} from {name_or_path}: {_explain(err)}") from err
+    _check_tokenizer(processor, name_or_path)
     for name, part in unavailable.items():
         logger.warning("%s: its %s cannot be built (%s); loaded without it (images and text are processed as "
                        "usual, its saved settings are kept).", cls.__name__, name, part._reason)
+    return processor
+
+
+def _check_tokenizer(processor: Any, path: str) -> Any:
+    """Refuse an empty tokenizer: transformers builds one (1 token) for a folder without tokenizer files."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if hasattr(tokenizer, "__len__") and len(tokenizer) < 2:
+        raise ProcessorLoadError(f"The tokenizer of {path} is empty: the folder has no tokenizer files "
+                                 "(tokenizer.json, tokenizer_config.json, vocab files).")
     return processor
 
 
