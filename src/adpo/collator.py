@@ -18,7 +18,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -26,6 +26,9 @@ from transformers import PreTrainedTokenizerBase, ProcessorMixin
 
 from .data import ROW_ID, ADPODataError, row_images, row_text
 from .images import ImageLoadError, load_image, min_image_side
+
+if TYPE_CHECKING:
+    from .config import RowArguments
 
 logger = logging.getLogger(__name__)
 
@@ -357,3 +360,20 @@ def check_image_processor_kwargs(processor: Any, kwargs: dict[str, Any]) -> dict
         raise ValueError(f"--image_processor_kwargs {kwargs}: {type(image_processor).__name__} rejects them: "
                          f"{err}") from None
     return kwargs
+
+
+def collator_from_args(
+    processor: Any, rows: RowArguments, *, multimodal: bool, multitask: bool = False
+) -> ADPOCollator:
+    """The collator for ``--multimodal_mode``, ``--separate_images``, ``--max_image_size``,
+    ``--image_processor_kwargs`` and ``--pad_to_multiple_of``: the one factory of both ``adpo-train`` and
+    ``adpo-eval``, so evaluation scores exactly the sequences training optimises."""
+    return ADPOCollator(
+        processor,
+        multimodal=multimodal,
+        separate_images=rows.separate_images,
+        max_image_size=rows.max_image_size,
+        image_processor_kwargs=rows.image_processor_kwargs_dict(),
+        pad_to_multiple_of=rows.pad_to_multiple_of,
+        multitask=multitask,
+    )

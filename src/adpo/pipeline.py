@@ -7,14 +7,15 @@ from typing import Any
 
 from datasets import Dataset
 
-from .collator import ADPOCollator
+from .collator import ADPOCollator, collator_from_args
 from .config import ADPOConfig, DataArguments, ModelArguments
 from .data import IMAGE_FIELDS, ADPODataError, check_multitask_columns, has_images, load_adpo_rows
 from .modeling import (
     apply_lora,
     enable_vision_input_grads,
     freeze_components,
-    load_model_and_processor,
+    load_model,
+    load_processor_for,
     load_reference,
 )
 from .output_dir import check_output_dir
@@ -88,18 +89,12 @@ def build_trainer(
             raise ValueError(f"evaluation data: {err}") from None
         eval_dataset, unreadable["eval"] = loaded.dataset, loaded.skipped
 
-    model, processor = load_model_and_processor(model_args)
+    # Everything that reads only the rows and the processor comes first: a bad row fails before the weights load.
+    processor = load_processor_for(model_args)
     multimodal = resolve_multimodal(data_args.multimodal_mode, processor, train)
-    collator = ADPOCollator(
-        processor,
-        multimodal=multimodal,
-        separate_images=data_args.separate_images,
-        max_image_size=data_args.max_image_size,
-        image_processor_kwargs=data_args.image_processor_kwargs_dict(),
-        pad_to_multiple_of=data_args.pad_to_multiple_of,
-        multitask=training_args.multitask_weight is not None,
-    )
-    if training_args.multitask_weight is not None:
+    multitask = training_args.multitask_weight is not None
+    collator = collator_from_args(processor, data_args, multimodal=multimodal, multitask=multitask)
+    if multitask:
         check_multitask_columns(train, data_args.dataset_name)
         if eval_dataset is not None:
             check_multitask_columns(eval_dataset, data_args.eval_dataset_name or data_args.dataset_name)
@@ -108,6 +103,7 @@ def build_trainer(
         column = training_args.length_column_name
         if column not in train.column_names:
             train = add_length_column(train, collator, column)
+    model = load_model(model_args)
     ref_model = None if training_args.reference_free else load_reference(model_args, model)
     if model_args.frozen_components():
         freeze_components(model, model_args.frozen_components())
