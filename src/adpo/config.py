@@ -309,8 +309,8 @@ _TRAINING_BOUNDS = (
     ("adam_epsilon", 0.0, False, "Adam divides by sqrt(v) + ε: with 0 a parameter whose gradient is 0 becomes NaN"),
     ("weight_decay", 0.0, True, "negative decay grows every weight without bound"),
     ("max_grad_norm", 0.0, True, "a negative clipping norm is meaningless (0 switches clipping off)"),
-    ("adam_beta1", 0.0, True, "Adam's first-moment decay must lie in [0, 1)"),
-    ("adam_beta2", 0.0, True, "Adam's second-moment decay must lie in [0, 1)"),
+    ("adam_beta1", 0.0, True, "Adam's first-moment decay"),
+    ("adam_beta2", 0.0, True, "Adam's second-moment decay (1 never forgets, and divides by 0 at step 1)"),
 )
 _BELOW_ONE = ("adam_beta1", "adam_beta2")
 
@@ -326,8 +326,11 @@ def check_training_values(args: Any) -> None:
         value = getattr(args, name, None)
         if value is None:
             continue
-        if value < low or (value == low and not inclusive) or (name in _BELOW_ONE and value >= 1):
-            raise ValueError(f"--{name} {value} cannot train: {why}.")
+        if name in _BELOW_ONE and not low <= value < 1:
+            raise ValueError(f"--{name} must be in [0, 1), got {value}: {why}.")
+        if value < low or (value == low and not inclusive):
+            bound = f">= {low:g}" if inclusive else "positive"
+            raise ValueError(f"--{name} must be {bound}, got {value}: {why}.")
     if args.use_cpu and args.deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # DeepSpeed would count each CPU process as a world of one and fail its batch-size check.
         raise ValueError("--use_cpu with --deepspeed under a multi-process launcher (torchrun, accelerate launch) "

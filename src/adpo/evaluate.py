@@ -35,6 +35,7 @@ from .config import LoadArguments, RowArguments
 from .data import ROW_ID, iter_batches, load_adpo_dataset
 from .logprobs import response_logps
 from .modeling import is_vision_model, load_model, load_processor_for
+from .preflight import check_model_source
 from .validate import validate_dataset
 
 logger = logging.getLogger(__name__)
@@ -286,7 +287,9 @@ def evaluate(model: LoadArguments, rows: RowArguments, args: EvalArguments) -> d
         raise ValueError("--dataset_name is required (hub id, save_to_disk folder, or .json/.jsonl/.parquet/.csv).")
     if not model.model_name_or_path:
         raise ValueError("--model_name_or_path is required (a model folder, hub id or PEFT adapter folder).")
-    dataset = load_adpo_dataset(rows.dataset_name, rows.dataset_split, rows.dataset_config, rows.max_eval_samples)
+    check_model_source(model.model_name_or_path, "--model_name_or_path")  # before the rows are read
+    dataset = load_adpo_dataset(rows.dataset_name, rows.dataset_split, rows.dataset_config, rows.max_eval_samples,
+                                on_bad_rows=rows.on_bad_rows)
     group_by = [c.strip() for c in (args.group_by or "").split(",") if c.strip()]
     missing = [c for c in group_by if c not in dataset.column_names]
     if missing:
@@ -307,6 +310,7 @@ def evaluate(model: LoadArguments, rows: RowArguments, args: EvalArguments) -> d
         checked, validation = validate_dataset(
             dataset, collator, on_bad_rows=rows.on_bad_rows, max_length=rows.max_length,
             max_response_length=rows.max_response_length, name=label,
+            refuse_identical=False,  # a text-only baseline scores image-only differences as equal, on purpose
         )
         if validation.n_skipped:
             skipped[label] = validation.summary()

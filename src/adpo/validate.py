@@ -66,14 +66,19 @@ def check_row(
     collator: ADPOCollator,
     max_length: int | None = None,
     max_response_length: int | None = None,
+    refuse_identical: bool = True,
 ) -> None:
-    """Raise :class:`ADPODataError` (naming the row and field) if the row cannot be trained on as given."""
+    """Raise :class:`ADPODataError` (naming the row and field) if the row cannot be trained on as given.
+
+    ``refuse_identical``: a pair whose two sides are the same input trains on nothing (zero gradient); evaluation
+    may score such pairs on purpose (a text-only baseline of image counterfactuals) and passes False.
+    """
     row_id = row.get(ROW_ID)
     chosen = collator.encode_side(row, "chosen")
     rejected = collator.encode_side(row, "rejected")
     if chosen.response_ids != rejected.response_ids:
         raise ADPODataError(row_id, "response", "tokenises differently after the chosen and the rejected prompt")
-    if _same_side(chosen, rejected):
+    if refuse_identical and _same_side(chosen, rejected):
         raise ADPODataError(row_id, "rejected", _identical_sides_problem(row, collator))
     sides = {"chosen": chosen, "rejected": rejected}
     if collator.multitask:  # the row's standard DPO pair is trained on too: its fields and prompt_images
@@ -149,6 +154,7 @@ def validate_dataset(
     max_response_length: int | None = None,
     name: str = "train",
     unreadable: list[ADPODataError] | None = None,
+    refuse_identical: bool = True,
 ) -> tuple[Dataset | IterableDataset, ValidationReport]:
     """Check every row; return the rows to train on and a report.
 
@@ -161,9 +167,11 @@ def validate_dataset(
     Errors in any split but ``train`` say which data they are in (e.g. ``evaluation data: row 3, ...``).
     """
     try:
-        return _validate(dataset, collator, on_bad_rows, max_length, max_response_length, name, unreadable or [])
+        limits = {"max_length": max_length, "max_response_length": max_response_length,
+                  "refuse_identical": refuse_identical}
+        return _validate(dataset, collator, on_bad_rows, limits, name, unreadable or [])
     except ADPODataError as err:
-        context = SPLIT_CONTEXT.get(name, f"{name} data")
+        context = SPLIT_CONTEXT.get(name)
         raise (err.within(context) if context and not err.context else err) from None
 
 
@@ -171,12 +179,11 @@ SPLIT_CONTEXT = {"train": None, "eval": "evaluation data"}  # how errors name a 
 
 
 def _validate(
-    dataset: Dataset | IterableDataset, collator: ADPOCollator, on_bad_rows: str, max_length: int | None,
-    max_response_length: int | None, name: str, unreadable: list[ADPODataError],
+    dataset: Dataset | IterableDataset, collator: ADPOCollator, on_bad_rows: str, limits: dict[str, Any],
+    name: str, unreadable: list[ADPODataError],
 ) -> tuple[Dataset | IterableDataset, ValidationReport]:
     if on_bad_rows not in ON_BAD_ROWS:
         raise ValueError(f"on_bad_rows must be one of {ON_BAD_ROWS}, got {on_bad_rows!r}")
-    limits = {"max_length": max_length, "max_response_length": max_response_length}
     if isinstance(dataset, IterableDataset):
         return _validate_stream(dataset, collator, on_bad_rows, limits, name)
     if ROW_ID not in dataset.column_names:
@@ -206,7 +213,7 @@ def _validate(
 
 
 def _checked(
-    row: dict[str, Any], collator: ADPOCollator, on_bad_rows: str, limits: dict[str, int | None],
+    row: dict[str, Any], collator: ADPOCollator, on_bad_rows: str, limits: dict[str, Any],
     report: ValidationReport,
 ) -> ADPODataError | None:
     """None for a good row; a bad row raises (error mode) or is counted in ``report`` and its error returned."""
@@ -233,7 +240,7 @@ def _stop_decoding_images(dataset: Dataset) -> None:
 
 
 def _validate_stream(
-    dataset: IterableDataset, collator: ADPOCollator, on_bad_rows: str, limits: dict[str, int | None], name: str
+    dataset: IterableDataset, collator: ADPOCollator, on_bad_rows: str, limits: dict[str, Any], name: str
 ) -> tuple[IterableDataset, ValidationReport]:
     report = ValidationReport(name)
     if dataset.features is not None:
@@ -245,7 +252,7 @@ def _validate_stream(
         try:
             err = _checked(row, collator, on_bad_rows, limits, report)
         except ADPODataError as bad:
-            context = SPLIT_CONTEXT.get(name, f"{name} data")
+            context = SPLIT_CONTEXT.get(name)
             raise (bad.within(context) if context else bad) from None
         if err is not None:
             logger.warning("%s: skipping %s", name, err)
