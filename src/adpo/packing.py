@@ -114,6 +114,10 @@ def packing_blocker(model: nn.Module, inputs: dict[str, torch.Tensor]) -> str | 
         return f"{model_type}: {UNPACKABLE[model_type]}"
     if "cross_attention_mask" in inputs:
         return "the batch has a per-row cross-attention mask"
+    if getattr(_base(model), "is_gradient_checkpointing", False) and torch.is_grad_enabled():
+        # The backward pass recomputes checkpointed layers outside packed_attention, i.e. with attention across
+        # the packed sequences: wrong gradients (re-entrant) or a CheckpointError (non-re-entrant).
+        return "gradient checkpointing recomputes attention outside the packed forward"
     if not getattr(_base(model), "_supports_attention_backend", False):
         return f"{type(_base(model)).__name__} does not take transformers' attention backends"
     if "attention_mask" not in inputs:
