@@ -52,6 +52,7 @@ UNPACKABLE = {
     "paligemma": "its bidirectional prefix is built from the padded rows' token types",
     "gemma3": "transformers' packed mask looks its bidirectional image blocks up by in-sequence position in the "
               "sliding-window layers, which is wrong for every sequence after the first",
+    "qwen3_5": "its linear-attention (Gated DeltaNet) layers carry their state along the row, across sequences",
 }
 # Attention implementations that pack natively in transformers (varlen from packed position ids).
 NATIVE = ("flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention")
