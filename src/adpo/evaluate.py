@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .collator import RESPONSE_MASK, ROW_IDS, ADPOCollator, collator_from_args
 from .config import LoadArguments, RowArguments
-from .data import ROW_ID, iter_batches, load_adpo_dataset
+from .data import ROW_ID, iter_batches, load_adpo_rows
 from .logprobs import response_logps
 from .modeling import is_vision_model, load_model, load_processor_for
 from .validate import validate_dataset
@@ -286,7 +286,9 @@ def evaluate(model: LoadArguments, rows: RowArguments, args: EvalArguments) -> d
         raise ValueError("--dataset_name is required (hub id, save_to_disk folder, or .json/.jsonl/.parquet/.csv).")
     if not model.model_name_or_path:
         raise ValueError("--model_name_or_path is required (a model folder, hub id or PEFT adapter folder).")
-    dataset = load_adpo_dataset(rows.dataset_name, rows.dataset_split, rows.dataset_config, rows.max_eval_samples)
+    loaded_rows = load_adpo_rows(rows.dataset_name, rows.dataset_split, rows.dataset_config, rows.max_eval_samples,
+                                 rows.on_bad_rows)
+    dataset = loaded_rows.dataset
     group_by = [c.strip() for c in (args.group_by or "").split(",") if c.strip()]
     missing = [c for c in group_by if c not in dataset.column_names]
     if missing:
@@ -306,7 +308,8 @@ def evaluate(model: LoadArguments, rows: RowArguments, args: EvalArguments) -> d
         collator = collator_from_args(processor, rows, multimodal=multimodal)
         checked, validation = validate_dataset(
             dataset, collator, on_bad_rows=rows.on_bad_rows, max_length=rows.max_length,
-            max_response_length=rows.max_response_length, name=label,
+            max_response_length=rows.max_response_length, name="eval", unreadable=loaded_rows.skipped,
+            identical_sides_ok=True,  # sides the model cannot tell apart are a tie, which is what we measure
         )
         if validation.n_skipped:
             skipped[label] = validation.summary()

@@ -66,14 +66,18 @@ def check_row(
     collator: ADPOCollator,
     max_length: int | None = None,
     max_response_length: int | None = None,
+    identical_sides_ok: bool = False,
 ) -> None:
-    """Raise :class:`ADPODataError` (naming the row and field) if the row cannot be trained on as given."""
+    """Raise :class:`ADPODataError` (naming the row and field) if the row cannot be trained on as given.
+
+    ``identical_sides_ok``: two sides that are the same input are fine (evaluation: they score a tie).
+    """
     row_id = row.get(ROW_ID)
     chosen = collator.encode_side(row, "chosen")
     rejected = collator.encode_side(row, "rejected")
     if chosen.response_ids != rejected.response_ids:
         raise ADPODataError(row_id, "response", "tokenises differently after the chosen and the rejected prompt")
-    if _same_side(chosen, rejected):
+    if not identical_sides_ok and _same_side(chosen, rejected):
         raise ADPODataError(row_id, "rejected", _identical_sides_problem(row, collator))
     sides = {"chosen": chosen, "rejected": rejected}
     if collator.multitask:  # the row's standard DPO pair is trained on too: its fields and prompt_images
@@ -149,6 +153,7 @@ def validate_dataset(
     max_response_length: int | None = None,
     name: str = "train",
     unreadable: list[ADPODataError] | None = None,
+    identical_sides_ok: bool = False,
 ) -> tuple[Dataset | IterableDataset, ValidationReport]:
     """Check every row; return the rows to train on and a report.
 
@@ -158,10 +163,13 @@ def validate_dataset(
     twice, so its rows are checked as they stream (its report fills as training reads it).
 
     ``unreadable``: records the loader could not read (``adpo.data.LoadedRows.skipped``), counted in the report.
+    ``identical_sides_ok``: see :func:`check_row` (``adpo-eval`` scores such rows as ties).
     Errors in any split but ``train`` say which data they are in (e.g. ``evaluation data: row 3, ...``).
     """
     try:
-        return _validate(dataset, collator, on_bad_rows, max_length, max_response_length, name, unreadable or [])
+        limits = {"max_length": max_length, "max_response_length": max_response_length,
+                  "identical_sides_ok": identical_sides_ok}
+        return _validate(dataset, collator, on_bad_rows, limits, name, unreadable or [])
     except ADPODataError as err:
         context = SPLIT_CONTEXT.get(name, f"{name} data")
         raise (err.within(context) if context and not err.context else err) from None
@@ -171,12 +179,11 @@ SPLIT_CONTEXT = {"train": None, "eval": "evaluation data"}  # how errors name a 
 
 
 def _validate(
-    dataset: Dataset | IterableDataset, collator: ADPOCollator, on_bad_rows: str, max_length: int | None,
-    max_response_length: int | None, name: str, unreadable: list[ADPODataError],
+    dataset: Dataset | IterableDataset, collator: ADPOCollator, on_bad_rows: str, limits: dict[str, Any], name: str,
+    unreadable: list[ADPODataError],
 ) -> tuple[Dataset | IterableDataset, ValidationReport]:
     if on_bad_rows not in ON_BAD_ROWS:
         raise ValueError(f"on_bad_rows must be one of {ON_BAD_ROWS}, got {on_bad_rows!r}")
-    limits = {"max_length": max_length, "max_response_length": max_response_length}
     if isinstance(dataset, IterableDataset):
         return _validate_stream(dataset, collator, on_bad_rows, limits, name)
     if ROW_ID not in dataset.column_names:
@@ -206,7 +213,7 @@ def _validate(
 
 
 def _checked(
-    row: dict[str, Any], collator: ADPOCollator, on_bad_rows: str, limits: dict[str, int | None],
+    row: dict[str, Any], collator: ADPOCollator, on_bad_rows: str, limits: dict[str, Any],
     report: ValidationReport,
 ) -> ADPODataError | None:
     """None for a good row; a bad row raises (error mode) or is counted in ``report`` and its error returned."""
@@ -233,7 +240,7 @@ def _stop_decoding_images(dataset: Dataset) -> None:
 
 
 def _validate_stream(
-    dataset: IterableDataset, collator: ADPOCollator, on_bad_rows: str, limits: dict[str, int | None], name: str
+    dataset: IterableDataset, collator: ADPOCollator, on_bad_rows: str, limits: dict[str, Any], name: str
 ) -> tuple[IterableDataset, ValidationReport]:
     report = ValidationReport(name)
     if dataset.features is not None:
