@@ -87,7 +87,7 @@ def test_training_refuses_a_bad_row_before_loading_the_weights(tiny_idefics3, on
 
 
 def test_evaluation_refuses_a_bad_row_before_loading_the_weights(tiny_idefics3, one_bad_row, no_weights, tmp_path):
-    with pytest.raises(ADPODataError, match=r"^row 1, field 'response': is empty"):
+    with pytest.raises(ADPODataError, match=r"^evaluation data: row 1, field 'response': is empty"):
         eval_main(["--model_name_or_path", str(tiny_idefics3), "--dataset_name", str(one_bad_row),
                    "--output_dir", str(tmp_path / "eval")])
 
@@ -98,4 +98,4 @@ def test_evaluation_skips_bad_rows_like_training_and_says_so(tiny_idefics3, one_
                       "--on_bad_rows", "skip", "--output_dir", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())["models"]["model"]
     assert summary["n"] == 2 and summary["skipped_rows"] == 1
-    assert "adpo-eval: model: skipped 1 of 3 rows (--on_bad_rows skip), kept 2" in capsys.readouterr().out
+    assert "adpo-eval (model): eval: skipped 1 of 3 rows (--on_bad_rows skip), kept 2" in capsys.readouterr().out

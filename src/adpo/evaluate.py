@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .collator import RESPONSE_MASK, ROW_IDS, ADPOCollator, collator_from_args
 from .config import LoadArguments, RowArguments
-from .data import ROW_ID, iter_batches, load_adpo_dataset
+from .data import ROW_ID, iter_batches, load_adpo_rows
 from .logprobs import response_logps
 from .modeling import is_vision_model, load_model, load_processor_for
 from .preflight import check_model_source
@@ -288,8 +288,9 @@ def evaluate(model: LoadArguments, rows: RowArguments, args: EvalArguments) -> d
     if not model.model_name_or_path:
         raise ValueError("--model_name_or_path is required (a model folder, hub id or PEFT adapter folder).")
     check_model_source(model.model_name_or_path, "--model_name_or_path")  # before the rows are read
-    dataset = load_adpo_dataset(rows.dataset_name, rows.dataset_split, rows.dataset_config, rows.max_eval_samples,
-                                on_bad_rows=rows.on_bad_rows)
+    loaded_rows = load_adpo_rows(rows.dataset_name, rows.dataset_split, rows.dataset_config, rows.max_eval_samples,
+                                 rows.on_bad_rows)
+    dataset = loaded_rows.dataset
     group_by = [c.strip() for c in (args.group_by or "").split(",") if c.strip()]
     missing = [c for c in group_by if c not in dataset.column_names]
     if missing:
@@ -309,8 +310,8 @@ def evaluate(model: LoadArguments, rows: RowArguments, args: EvalArguments) -> d
         collator = collator_from_args(processor, rows, multimodal=multimodal)
         checked, validation = validate_dataset(
             dataset, collator, on_bad_rows=rows.on_bad_rows, max_length=rows.max_length,
-            max_response_length=rows.max_response_length, name=label,
-            refuse_identical=False,  # a text-only baseline scores image-only differences as equal, on purpose
+            max_response_length=rows.max_response_length, name="eval", unreadable=loaded_rows.skipped,
+            identical_sides_ok=True,  # sides the model cannot tell apart are a tie, which is what we measure
         )
         if validation.n_skipped:
             skipped[label] = validation.summary()

@@ -66,19 +66,18 @@ def check_row(
     collator: ADPOCollator,
     max_length: int | None = None,
     max_response_length: int | None = None,
-    refuse_identical: bool = True,
+    identical_sides_ok: bool = False,
 ) -> None:
     """Raise :class:`ADPODataError` (naming the row and field) if the row cannot be trained on as given.
 
-    ``refuse_identical``: a pair whose two sides are the same input trains on nothing (zero gradient); evaluation
-    may score such pairs on purpose (a text-only baseline of image counterfactuals) and passes False.
+    ``identical_sides_ok``: two sides that are the same input are fine (evaluation: they score a tie).
     """
     row_id = row.get(ROW_ID)
     chosen = collator.encode_side(row, "chosen")
     rejected = collator.encode_side(row, "rejected")
     if chosen.response_ids != rejected.response_ids:
         raise ADPODataError(row_id, "response", "tokenises differently after the chosen and the rejected prompt")
-    if refuse_identical and _same_side(chosen, rejected):
+    if not identical_sides_ok and _same_side(chosen, rejected):
         raise ADPODataError(row_id, "rejected", _identical_sides_problem(row, collator))
     sides = {"chosen": chosen, "rejected": rejected}
     if collator.multitask:  # the row's standard DPO pair is trained on too: its fields and prompt_images
@@ -154,7 +153,7 @@ def validate_dataset(
     max_response_length: int | None = None,
     name: str = "train",
     unreadable: list[ADPODataError] | None = None,
-    refuse_identical: bool = True,
+    identical_sides_ok: bool = False,
 ) -> tuple[Dataset | IterableDataset, ValidationReport]:
     """Check every row; return the rows to train on and a report.
 
@@ -164,11 +163,12 @@ def validate_dataset(
     twice, so its rows are checked as they stream (its report fills as training reads it).
 
     ``unreadable``: records the loader could not read (``adpo.data.LoadedRows.skipped``), counted in the report.
+    ``identical_sides_ok``: see :func:`check_row` (``adpo-eval`` scores such rows as ties).
     Errors in any split but ``train`` say which data they are in (e.g. ``evaluation data: row 3, ...``).
     """
     try:
         limits = {"max_length": max_length, "max_response_length": max_response_length,
-                  "refuse_identical": refuse_identical}
+                  "identical_sides_ok": identical_sides_ok}
         return _validate(dataset, collator, on_bad_rows, limits, name, unreadable or [])
     except ADPODataError as err:
         context = SPLIT_CONTEXT.get(name)
@@ -179,8 +179,8 @@ SPLIT_CONTEXT = {"train": None, "eval": "evaluation data"}  # how errors name a 
 
 
 def _validate(
-    dataset: Dataset | IterableDataset, collator: ADPOCollator, on_bad_rows: str, limits: dict[str, Any],
-    name: str, unreadable: list[ADPODataError],
+    dataset: Dataset | IterableDataset, collator: ADPOCollator, on_bad_rows: str, limits: dict[str, Any], name: str,
+    unreadable: list[ADPODataError],
 ) -> tuple[Dataset | IterableDataset, ValidationReport]:
     if on_bad_rows not in ON_BAD_ROWS:
         raise ValueError(f"on_bad_rows must be one of {ON_BAD_ROWS}, got {on_bad_rows!r}")

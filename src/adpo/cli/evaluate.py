@@ -21,8 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     model_args, row_args, args = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     report = evaluate(model_args, row_args, args)
-    for summary in report["skipped"].values():
-        print(f"adpo-eval: {summary}")
+    for label, summary in report["skipped"].items():
+        print(f"adpo-eval ({label}): {summary}")
     print(format_summary(report))
     print(f"adpo-eval: wrote rows.csv, summary.json and evaluation.png to {args.output_dir}")
     return 0
