@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def train_and_save(model_args: ModelArguments, data_args: DataArguments, training_args: ADPOConfig) -> None:
     """Build the trainer, train, save the model (or adapter), its processor and the trainer state."""
+    from ..modelcard import write_model_card
     from ..pipeline import build_trainer  # heavy imports after argument errors are reported
 
     set_seed(training_args.seed)
@@ -90,6 +91,7 @@ def train_and_save(model_args: ModelArguments, data_args: DataArguments, trainin
     trainer.save_state()
     if trainer.is_world_process_zero():
         processor.save_pretrained(training_args.output_dir)
+        write_model_card(trainer, model_args, data_args, training_args)  # README.md: what push_to_hub shows
         print(f"adpo: trained {result.global_step} steps, final train loss {result.training_loss:.4f}")
         print(f"adpo: saved {'adapter' if model_args.use_peft else 'model'} and processor to "
               f"{training_args.output_dir}")

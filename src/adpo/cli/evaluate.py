@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     report = evaluate(args)
     print(format_summary(report))
     print(f"adpo-eval: wrote rows.csv, summary.json and evaluation.png to {args.output_dir}")
+    if args.html:
+        print(f"adpo-eval: wrote the HTML report to {args.html}")
     return 0
 
 
