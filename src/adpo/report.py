@@ -73,7 +73,7 @@ def _cell(column: Column, value: Any) -> str:
         sort = value if isinstance(value, (int, float)) and math.isfinite(value) else ""
         return f'<td class="num" data-v="{_esc(sort)}">{_number(value)}</td>'
     if column.kind == "images":
-        parts = [f'<img src="{uri}" alt="image {k}" loading="lazy">' if uri else
+        parts = [f'<img src="{uri}" alt="image {k}">' if uri else
                  '<span class="bad">unreadable image</span>' for k, uri in enumerate(value or [])]
         return f'<td class="imgs">{"".join(parts) or "<span class=muted>none</span>"}</td>'
     return f'<td data-v="{_esc(value)}"><div class="txt">{_esc(value)}</div></td>'
@@ -125,6 +125,15 @@ _SCRIPT = """
   }
   if(filter){filter.addEventListener('change',apply);}
   apply();
+  window.addEventListener('load',function(){
+    // Say on the page if any thumbnail failed to decode (a broken image would otherwise look like a blank).
+    var images=document.querySelectorAll('img'),broken=0;
+    Array.prototype.forEach.call(images,function(i){if(!i.complete||i.naturalWidth===0){broken++;}});
+    document.body.setAttribute('data-images',(images.length-broken)+'/'+images.length);
+    if(broken){var p=document.createElement('p');p.className='bad';
+      p.textContent=broken+' of '+images.length+' images could not be decoded';
+      document.body.insertBefore(p,document.body.firstChild);}
+  });
 })();
 """
 
