@@ -212,6 +212,13 @@ class ADPOConfig(TrainingArguments):
                   "the first batch, which the model's own head scores; not e.g. with Gemma-2 logit soft-capping). "
                   "false: the model's own head at the response positions."},
     )
+    padding_free: bool | None = field(
+        default=None,
+        metadata={"help": "Padding-free batches: the step's sequences packed into one row of their tokens, each with "
+                  "its own positions, attention within each sequence only (so no compute on padding). Unset "
+                  "(auto): wherever the model family allows (not Mllama, PaliGemma, Gemma 3: logged once, then "
+                  "padded batches); true: an error where it cannot; false: padded batches."},
+    )
     # Defaults that differ from TrainingArguments'.
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the collator needs the raw rows (text and images)."}

@@ -269,6 +269,7 @@ def _score_and_check(
 def response_logps(
     model: nn.Module, head: nn.Module, inputs: dict[str, torch.Tensor], response_mask: torch.Tensor,
     fused: bool | None = None, vocab_chunk: int = VOCAB_CHUNK,
+    sequence_ids: torch.Tensor | None = None, num_sequences: int = 0,
 ) -> ResponseLogps:
     """Run ``model`` once on ``inputs`` and sum the log-probs of the tokens marked by ``response_mask``.
 
@@ -283,6 +284,8 @@ def response_logps(
             else the model's head. True: the same, but an error where the fused head cannot be used. False: the
             model's own head at the response positions.
         vocab_chunk: vocabulary entries per block of the fused head.
+        sequence_ids, num_sequences: for a packed batch (:mod:`adpo.packing`, one row (1, T)): (T,) the
+            sequence of each token, and how many sequences there are; sums and counts then come per sequence.
     """
     # The hidden state at t predicts the token at t + 1.
     predictors = torch.zeros_like(response_mask)
@@ -301,7 +304,7 @@ def response_logps(
             _log_once(f"Scoring with the model's own LM head (full-vocabulary logits at the response positions): "
                       f"{reason}.")
         if first_call:
-            return _sums(per_token, response_mask)
+            return _sums(per_token, response_mask, sequence_ids, num_sequences)
         use_fused = reason is None
     if use_fused:
         with fused_lm_head_at(head, predictors, targets, vocab_chunk) as produced:
@@ -315,10 +318,16 @@ def response_logps(
         with lm_head_only_at(head, predictors):
             logits = model(**inputs, use_cache=False).logits  # (N, V)
         per_token = token_logps(logits, targets)
-    return _sums(per_token, response_mask)
+    return _sums(per_token, response_mask, sequence_ids, num_sequences)
 
 
-def _sums(per_token: torch.Tensor, response_mask: torch.Tensor) -> ResponseLogps:
+def _sums(per_token: torch.Tensor, response_mask: torch.Tensor, sequence_ids: torch.Tensor | None = None,
+          num_sequences: int = 0) -> ResponseLogps:
+    """Per-row sums and counts; for a packed (1, T) batch, per sequence of ``sequence_ids`` (T,)."""
+    if sequence_ids is not None:
+        rows = sequence_ids[response_mask[0]]
+        sums = torch.zeros(num_sequences, dtype=torch.float32, device=per_token.device).index_add(0, rows, per_token)
+        return ResponseLogps(sums=sums, counts=torch.bincount(rows, minlength=num_sequences))
     rows = response_mask.nonzero()[:, 0]
     sums = torch.zeros(response_mask.shape[0], dtype=torch.float32, device=per_token.device)
     sums = sums.index_add(0, rows, per_token)

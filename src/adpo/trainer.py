@@ -26,6 +26,7 @@ from .distributed import dummy_image_inputs, prepare_reference, vision_tower_eve
 from .guard import NonFiniteGuard
 from .logprobs import ResponseLogps, response_logps
 from .losses import adpo_loss, multitask_loss
+from .packing import packed_forward, padding_free_decision
 from .refcache import (
     RefLogpsTable,
     cache_key,
@@ -88,7 +89,12 @@ class ADPOTrainer(Trainer):
         unwrapped = self.accelerator.unwrap_model(model)
         with vision_tower_every_forward(unwrapped, inputs, self._image_placeholder()):
             fused = None if self.args.fused_lm_head else False  # None: wherever it gives the model's log-probs
-            return response_logps(model, unwrapped.get_output_embeddings(), inputs, mask, fused=fused)
+            head = unwrapped.get_output_embeddings()
+            if padding_free_decision(unwrapped, inputs, self.args.padding_free):
+                with packed_forward(unwrapped, inputs, mask) as packed:  # adpo.packing
+                    return response_logps(model, head, packed.inputs, packed.response_mask, fused=fused,
+                                          sequence_ids=packed.sequence_ids, num_sequences=mask.shape[0])
+            return response_logps(model, head, inputs, mask, fused=fused)
 
     def _image_placeholder(self) -> dict[str, torch.Tensor] | None:
         """A dummy image's inputs in multi-process multimodal runs (every rank must run the vision tower)."""
