@@ -134,7 +134,7 @@ def test_swap_output_checks_clean_in_the_browser(tmp_path: Path):
     folder = tmp_path / "src"
     (folder / "img").mkdir(parents=True)
     lines = []
-    for k, colour in enumerate(sorted(COLOURS)):
+    for colour in sorted(COLOURS):
         draw_shape("circle", colour).save(folder / f"img/{colour}.png")
         lines.append(json.dumps({"images": [f"img/{colour}.png"], "prompt": "Colour?", "response": colour}))
     (folder / "vqa.jsonl").write_text("\n".join(lines))
