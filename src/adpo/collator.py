@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,9 @@ SEQUENCE_KEYS = {
 DROPPED_KEYS = {
     "labels": "PaliGemma: LM labels for its own loss; the trainer computes response log-probs itself",
 }
+
+# Stands in for the answer to find where a chat template puts it (no template trims, escapes or splits it).
+_RESPONSE_SENTINEL = "ADPO0RESPONSE0SENTINEL"
 
 # Keys the collator adds for the trainer; they never reach the model.
 RESPONSE_MASK = "response_mask"
@@ -91,6 +95,7 @@ class ADPOCollator:
         self.chat_template = getattr(processor, "chat_template", None) or self.tokenizer.chat_template
         self.image_token = getattr(processor, "image_token", None)
         self.image_token_id = _token_id(self.tokenizer, self.image_token)
+        self._mismatch_logged = False
         self.min_image_side = min_image_side(processor) if multimodal else 1
         # The processor's own convention for the target text (PaliGemma): it marks the suffix's token types.
         call = inspect.signature(type(processor).__call__).parameters
@@ -103,6 +108,9 @@ class ADPOCollator:
                 raise ValueError("The processor has neither a chat template nor an image token, so prompts cannot "
                                  "place their images.")
         self.image_processor_kwargs = check_image_processor_kwargs(processor, image_processor_kwargs or {})
+        if self.chat_template is not None:
+            # A template whose assistant turn cannot be located fails here, naming the template, not at row 0.
+            self._render("Describe the image.", int(multimodal), "An answer.", None, "chosen")
         if self.tokenizer.pad_token_id is None:
             raise ValueError("The tokenizer has no pad token; set one (e.g. tokenizer.pad_token = eos_token).")
 
@@ -164,16 +172,47 @@ class ADPOCollator:
         if self.is_processor:
             parts = [] if placed else [{"type": "image"}] * n_images
             user = {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
-            assistant = {"role": "assistant", "content": [{"type": "text", "text": response}]}
         else:
             user = {"role": "user", "content": text}
-            assistant = {"role": "assistant", "content": response}
         prompt = self.processor.apply_chat_template([user], add_generation_prompt=True, tokenize=False)
-        full = self.processor.apply_chat_template([user, assistant], tokenize=False)
-        if not full.startswith(prompt):
-            raise ADPODataError(row_id, side, "the chat template does not render the answer as a continuation of "
-                                "the generation prompt, so the response tokens cannot be located")
-        return prompt, full[len(prompt):]
+        full = self._render_turns(user, response)
+        if full.startswith(prompt):
+            return prompt, full[len(prompt):]
+        return prompt, self._response_after_mismatched_prompt(user, prompt, full)
+
+    def _render_turns(self, user: dict[str, Any], response: str) -> str:
+        """The conversation ``user`` → assistant ``response`` as the chat template renders it."""
+        content: Any = [{"type": "text", "text": response}] if self.is_processor else response
+        return self.processor.apply_chat_template([user, {"role": "assistant", "content": content}], tokenize=False)
+
+    def _response_after_mismatched_prompt(self, user: dict[str, Any], prompt: str, full: str) -> str:
+        """The response for templates whose assistant turn does not continue their generation prompt.
+
+        (LLaVA-OneVision renders ``<|im_start|>assistant \n`` before an answer but ``<|im_start|>assistant\n`` as
+        the generation prompt.) The answer rendered with a sentinel in its place splits the assistant turn into
+        its header, the answer and what closes the turn; the response is the answer as rendered plus that close,
+        following the generation prompt, which is what the model sees before it answers.
+        """
+        sentinel = _RESPONSE_SENTINEL
+        marked = self._render_turns(user, sentinel)
+        where = marked.find(sentinel)
+        name = type(self.processor).__name__
+        if where < 0 or marked.count(sentinel) != 1:
+            raise ValueError(f"The chat template of {name} does not render the assistant's text as given (a "
+                             "placeholder answer does not appear in it once), so the response tokens cannot be "
+                             "located. Fix the template, or pass one that renders the assistant turn.")
+        header, close = marked[:where], marked[where + len(sentinel):]
+        if not (full.startswith(header) and full.endswith(close) and len(full) >= len(header) + len(close)):
+            raise ValueError(f"The chat template of {name} renders the assistant turn differently depending on "
+                             "the answer, so the response tokens cannot be located.")
+        if not self._mismatch_logged:
+            self._mismatch_logged = True
+            turn = header[len(os.path.commonprefix([header, prompt])):]
+            generation = prompt[len(os.path.commonprefix([header, prompt])):]
+            logger.info("%s's chat template renders the assistant turn with %r but its generation prompt as %r; "
+                        "the response is the answer and what closes its turn, after the generation prompt.",
+                        name, turn, generation)
+        return full[len(header):]
 
     # ------------------------------------------------------------------ the batch
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

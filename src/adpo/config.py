@@ -219,6 +219,13 @@ class ADPOConfig(TrainingArguments):
                   "(auto): wherever the model family allows (not Mllama, PaliGemma, Gemma 3: logged once, then "
                   "padded batches); true: an error where it cannot; false: padded batches."},
     )
+    deduplicate_images: bool = field(
+        default=True,
+        metadata={"help": "Run each distinct image of a batch through the vision tower once and reuse its features "
+                  "wherever it appears (both sides with --separate_images false, text counterfactuals, the same "
+                  "image in several rows); gradients from every use reach the tower. false: encode every "
+                  "occurrence."},
+    )
     # Defaults that differ from TrainingArguments'.
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the collator needs the raw rows (text and images)."}

@@ -10,7 +10,13 @@ from datasets import Dataset
 from .collator import ADPOCollator
 from .config import ADPOConfig, DataArguments, ModelArguments
 from .data import IMAGE_FIELDS, check_multitask_columns, has_images, load_adpo_dataset
-from .modeling import apply_lora, freeze_components, load_model_and_processor, load_reference
+from .modeling import (
+    apply_lora,
+    enable_vision_input_grads,
+    freeze_components,
+    load_model_and_processor,
+    load_reference,
+)
 from .output_dir import check_output_dir
 from .trainer import ADPOTrainer
 from .validate import validate_splits
@@ -99,6 +105,7 @@ def build_trainer(
     if model_args.use_peft:
         if training_args.gradient_checkpointing:
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+            enable_vision_input_grads(model)  # ... in the vision tower too, whatever its embedding
         model = apply_lora(model, model_args)
     if training_args.gradient_checkpointing:
         model.config.use_cache = False

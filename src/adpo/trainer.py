@@ -24,6 +24,7 @@ from .collator import RESPONSE_MASK, ROW_IDS
 from .config import ADPOConfig
 from .distributed import dummy_image_inputs, prepare_reference, vision_tower_every_forward
 from .guard import NonFiniteGuard
+from .image_dedup import each_image_once
 from .logprobs import ResponseLogps, response_logps
 from .losses import adpo_loss, multitask_loss
 from .packing import packed_forward, padding_free_decision
@@ -87,7 +88,8 @@ class ADPOTrainer(Trainer):
     # ------------------------------------------------------------------ log-probs
     def _logps(self, model: nn.Module, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> ResponseLogps:
         unwrapped = self.accelerator.unwrap_model(model)
-        with vision_tower_every_forward(unwrapped, inputs, self._image_placeholder()):
+        with vision_tower_every_forward(unwrapped, inputs, self._image_placeholder()), \
+                each_image_once(unwrapped, self.args.deduplicate_images):  # adpo.image_dedup
             fused = None if self.args.fused_lm_head else False  # None: wherever it gives the model's log-probs
             head = unwrapped.get_output_embeddings()
             if padding_free_decision(unwrapped, inputs, self.args.padding_free):
