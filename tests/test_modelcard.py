@@ -70,7 +70,17 @@ def test_local_base_model_license_and_paths(tmp_path: Path):
     assert card.data.library_name == "transformers"
 
 
-def test_adapter_training_writes_a_card(tiny_idefics3: Path, image_jsonl: Path, tmp_path: Path):
+def test_adapter_training_writes_a_card_that_push_to_hub_keeps(tiny_idefics3: Path, image_jsonl: Path,
+                                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from adpo import modelcard
+
+    trainers, original = [], modelcard.use_adpo_model_card
+
+    def keep(trainer, *args):
+        trainers.append(trainer)
+        return original(trainer, *args)
+
+    monkeypatch.setattr(modelcard, "use_adpo_model_card", keep)  # train_and_save imports it when called
     out = tmp_path / "lora"
     assert main(["--model_name_or_path", str(tiny_idefics3), "--dataset_name", str(image_jsonl),
                  "--output_dir", str(out), "--use_peft", "--max_steps", "1", "--max_train_samples", "2",
@@ -78,6 +88,10 @@ def test_adapter_training_writes_a_card(tiny_idefics3: Path, image_jsonl: Path, 
     card = ModelCard.load(out / "README.md")
     assert card.data.library_name == "peft" and "adpo" in card.data.tags
     assert "--use_peft true" in card.text and "logps/accuracies" in card.text
+    # push_to_hub writes the card through trainer.create_model_card before uploading: it must stay ours.
+    (out / "README.md").unlink()
+    trainers[0].create_model_card(model_name="lora", tags=["x"])
+    assert ModelCard.load(out / "README.md").text == card.text
 
 
 def _cli(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:

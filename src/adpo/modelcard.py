@@ -185,13 +185,27 @@ def model_card_text(
     return "\n".join(lines)
 
 
-def write_model_card(trainer: Any, model_args: Any, data_args: Any, training_args: Any) -> Path:
-    """Write ``README.md`` into ``training_args.output_dir`` from the finished ``trainer``'s state."""
+def use_adpo_model_card(trainer: Any, model_args: Any, data_args: Any, training_args: Any) -> None:
+    """Make ``trainer.create_model_card()`` write this card into ``training_args.output_dir`` (from the
+    trainer's state at the time of the call). ``push_to_hub`` calls it after saving the model (a PEFT adapter's
+    save writes a card of its own) and before uploading, so ``--push_to_hub`` and ``trainer.push_to_hub()``
+    publish this card, not the Trainer's generic one."""
+
+    def create_model_card(**_: Any) -> Path | None:
+        return _write(trainer, model_args, data_args, training_args)
+
+    trainer.create_model_card = create_model_card
+
+
+def _write(trainer: Any, model_args: Any, data_args: Any, training_args: Any) -> Path | None:
     from huggingface_hub import ModelCard
 
+    if not trainer.is_world_process_zero():
+        return None
     text = model_card_text(model_args, data_args, training_args, trainer.state.log_history,
                            trainer.state.global_step)
     path = Path(training_args.output_dir) / "README.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
     ModelCard(text).save(path)  # parses the metadata on the way: a card the hub cannot read fails here
     logger.info("wrote the model card %s", path)
     return path

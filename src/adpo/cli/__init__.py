@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def train_and_save(model_args: ModelArguments, data_args: DataArguments, training_args: ADPOConfig) -> None:
     """Build the trainer, train, save the model (or adapter), its processor and the trainer state."""
-    from ..modelcard import write_model_card
+    from ..modelcard import use_adpo_model_card
     from ..pipeline import build_trainer  # heavy imports after argument errors are reported
 
     set_seed(training_args.seed)
@@ -87,11 +87,12 @@ def train_and_save(model_args: ModelArguments, data_args: DataArguments, trainin
         if report.n_skipped and trainer.is_world_process_zero():
             print(f"adpo: {report.summary()}")
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    use_adpo_model_card(trainer, model_args, data_args, training_args)  # what push_to_hub publishes, too
     trainer.save_model(training_args.output_dir)
     trainer.save_state()
     if trainer.is_world_process_zero():
         processor.save_pretrained(training_args.output_dir)
-        write_model_card(trainer, model_args, data_args, training_args)  # README.md: what push_to_hub shows
+        trainer.create_model_card()  # README.md, after the save (an adapter's save writes a card of its own)
         print(f"adpo: trained {result.global_step} steps, final train loss {result.training_loss:.4f}")
         print(f"adpo: saved {'adapter' if model_args.use_peft else 'model'} and processor to "
               f"{training_args.output_dir}")
