@@ -308,3 +308,18 @@ def test_check_reports_what_the_trainer_would_refuse(source: Path, tmp_path: Pat
     # Without a model: the schema and the images only.
     plain = check(str(out))
     assert [r["row"] for r in plain.refused] == [2] and plain.identical == [4]
+
+
+def test_docs_list_every_adpo_data_flag():
+    from conftest import REPO
+
+    from adpo.cli.data import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    flags = {opt for sub in subparsers.values() for a in sub._actions for opt in a.option_strings
+             if opt.startswith("--") and opt != "--help"}
+    reference = (REPO / "docs" / "data.md").read_text()
+    assert len(flags) > 20
+    assert sorted(f for f in flags if f"`{f}`" not in reference) == []
+    assert {"swap", "prompt-swap", "from-dpo", "import", "check"} == set(subparsers)

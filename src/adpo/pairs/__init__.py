@@ -34,7 +34,8 @@ def _embedder(model_name_or_path: str | None, images: str, cache_dir: str | None
     def embed(source: Source, cols: Any) -> Any:
         from .embed import row_embeddings
 
-        return row_embeddings(source, images, cols.usable(), model_name_or_path, cache_dir=cache_dir, dtype=dtype,
+        digests = {i: cols.images[i] for i in cols.usable()}  # computed once, when the rows were read
+        return row_embeddings(source, images, digests, model_name_or_path, cache_dir=cache_dir, dtype=dtype,
                               device=device)
 
     return embed

@@ -2,8 +2,8 @@
 
 Every builder plans first (which source row gets which negative: indices only, from the small columns) and
 writes second, so memory stays small and a plan depends only on the data and the seed. Each source row draws
-from its own generator (seeded with ``seed`` and the row's index), so a row's negatives do not change when other
-rows are added, removed or reordered.
+from its own generator, seeded with ``seed`` and the row's index (not from one shared stream, so the plan does
+not depend on the order rows are visited in).
 
 A negative never has the source row's response (after normalisation) or the same pictures: either would make the
 pair's two sides explain the response equally well, and the pair would carry no signal.

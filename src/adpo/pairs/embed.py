@@ -93,37 +93,35 @@ class ImageEmbedder:
 def row_embeddings(
     source: Source,
     images_field: str,
-    usable: list[int],
+    digests: dict[int, tuple[str, ...]],
     model_name_or_path: str,
     *,
     cache_dir: str | Path | None = None,
     dtype: str = "float32",
     device: str | None = None,
 ) -> torch.Tensor:
-    """(N, D) L2-normalised row embeddings (the mean of each row's image embeddings); unusable rows are zero."""
+    """(N, D) L2-normalised row embeddings: the mean of each row's image embeddings. ``digests`` maps each row
+    to embed to the sha256 of its images' bytes (in order); other rows get zeros."""
     cache = EmbeddingCache(model_name_or_path, cache_dir)
-    digests: dict[int, list[str]] = {}
-    todo: dict[str, Any] = {}
-    for i in usable:
-        row = source.row(i)
-        digests[i] = []
-        for value in row_image_list(row, images_field, i):
-            data, _ = image_payload(value, source.image_root, i, images_field)
-            digest = hashlib.sha256(data).hexdigest()
-            digests[i].append(digest)
+    todo: dict[str, tuple[int, int]] = {}  # digest → (row, position): read again when embedded, not kept
+    for i, keys in digests.items():
+        for k, digest in enumerate(keys):
             if digest not in cache.table:
-                todo.setdefault(digest, data)
+                todo.setdefault(digest, (i, k))
     if todo:
         embedder = ImageEmbedder(model_name_or_path, dtype, device)
-        for digest, data in tqdm(todo.items(), desc="embedding images", unit="image"):
+        for digest, (i, k) in tqdm(todo.items(), desc="embedding images", unit="image"):
+            value = row_image_list(source.row(i), images_field, i)[k]
+            data, _ = image_payload(value, source.image_root, i, images_field)
             cache.table[digest] = embedder(load_image(data))
         cache.save()
         logger.info("embedded %d images (cache: %s)", len(todo), cache.path)
     else:
-        logger.info("all %d row embeddings from the cache %s", len(usable), cache.path)
+        logger.info("all %d rows' image embeddings from the cache %s", len(digests), cache.path)
+    if not cache.table:
+        raise ValueError("no images to embed")
     dim = next(iter(cache.table.values())).shape[0]
     out = torch.zeros(len(source), dim)
     for i, keys in digests.items():
         out[i] = torch.stack([cache.table[k] for k in keys]).mean(0)
     return torch.nn.functional.normalize(out, dim=1)
-

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
+import tempfile
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,20 +200,43 @@ def _store(data: bytes, ext: str, folder: Path, written: set[str]) -> str:
 
 
 def _write_saved(rows: Iterable[dict[str, Any]], output: Path, total: int | None) -> int:
-    from datasets import Dataset, Features, Image, List
+    """Stream the rows into an Arrow file (through a temporary cache, never all in memory), then save_to_disk."""
+    from datasets import Dataset, Features
 
-    rows = list(tqdm(rows, total=total, desc="building rows", unit="row"))
-    if not rows:
+    iterator = iter(tqdm(rows, total=total, desc=f"writing {output.name}", unit="row"))
+    first = next(iterator, None)
+    if first is None:
         raise ValueError(f"{output}: no rows to write.")
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    features = Features({
-        name: List(Image()) if name in OUTPUT_IMAGE_FIELDS else _value_feature([r.get(name) for r in rows])
-        for name in columns
-    })
-    data = {name: [_cell(r.get(name), features[name]) for r in rows] for name in columns}
-    dataset = Dataset.from_dict(data, features=features)
-    dataset.save_to_disk(str(output))
-    return len(dataset)
+    features = Features({name: _feature(name, value) for name, value in first.items()})
+
+    def generate() -> Iterator[dict[str, Any]]:
+        for row in itertools.chain([first], iterator):
+            extra = set(row) - set(features)
+            if extra:  # every row of one build has the same columns; anything else is a bug, not data to drop
+                raise RuntimeError(f"row with unexpected columns {sorted(extra)}")
+            yield {name: _cell(row.get(name), feature) for name, feature in features.items()}
+
+    with tempfile.TemporaryDirectory() as cache:
+        # A fingerprint of our own: the generator closes over an iterator, which datasets cannot hash.
+        dataset = Dataset.from_generator(generate, features=features, cache_dir=cache,
+                                         fingerprint=f"adpo-data-{uuid.uuid4().hex}")
+        dataset.save_to_disk(str(output))
+        n = len(dataset)
+        del dataset  # release the memory-mapped cache file before its folder goes
+    return n
+
+
+_INT_COLUMNS = ("source_row", "negative_row", "turn")
+
+
+def _feature(name: str, value: Any) -> Any:
+    from datasets import Image, List, Value
+
+    if name in OUTPUT_IMAGE_FIELDS:
+        return List(Image())
+    if name in _INT_COLUMNS:
+        return Value("int64")
+    return _value_feature([value])
 
 
 def _cell(value: Any, feature: Any) -> Any:
