@@ -17,7 +17,7 @@ from transformers import (
 )
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from .config import ModelArguments
+from .config import LoadArguments, ModelArguments
 from .processing import load_processor
 
 logger = logging.getLogger(__name__)
@@ -58,27 +58,47 @@ def is_vision_model(model_name_or_path: str, trust_remote_code: bool = False) ->
     return getattr(config, "vision_config", None) is not None
 
 
-def load_model_and_processor(args: ModelArguments) -> tuple[PreTrainedModel, Any]:
+def load_model_and_processor(args: LoadArguments) -> tuple[PreTrainedModel, Any]:
     """Load the policy and its processor (image-text models) or tokenizer (text-only models)."""
-    if not args.model_name_or_path:
-        raise ValueError("--model_name_or_path is required (a hub id or a local folder).")
-    kwargs: dict[str, Any] = {"trust_remote_code": args.trust_remote_code}
-    if args.dtype != "auto":
-        kwargs["dtype"] = getattr(torch, args.dtype)
-    if args.attn_implementation:
-        kwargs["attn_implementation"] = args.attn_implementation
+    return load_model(args), load_processor_for(args)
+
+
+def load_processor_for(args: LoadArguments, saved_in: str | None = None) -> Any:
+    """The processor (image-text models) or tokenizer (text-only models) of ``args.model_name_or_path``, with a
+    pad token. Cheap: no weights are read, so rows can be checked before the model is loaded.
+
+    ``saved_in``: the folder to read it from when not the model's own (a PEFT adapter folder).
+    """
+    _require_model(args)
+    source = saved_in or args.model_name_or_path
     if is_vision_model(args.model_name_or_path, args.trust_remote_code):
-        model = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path, **kwargs)
-        processor = load_processor(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+        processor = load_processor(source, trust_remote_code=args.trust_remote_code)
     else:
-        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **kwargs)
-        processor = AutoTokenizer.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+        processor = AutoTokenizer.from_pretrained(source, trust_remote_code=args.trust_remote_code)
     tokenizer = getattr(processor, "tokenizer", processor)
     if tokenizer.pad_token is None:
         # Pad ids are masked out everywhere; any existing token will do.
         tokenizer.pad_token = tokenizer.eos_token
         logger.info("tokenizer has no pad token; using eos %r", tokenizer.eos_token)
-    return model, processor
+    return processor
+
+
+def load_model(args: LoadArguments) -> PreTrainedModel:
+    """The model's weights, with ``--dtype``, ``--attn_implementation`` and ``--trust_remote_code``."""
+    _require_model(args)
+    kwargs: dict[str, Any] = {"trust_remote_code": args.trust_remote_code}
+    if args.dtype != "auto":
+        kwargs["dtype"] = getattr(torch, args.dtype)
+    if args.attn_implementation:
+        kwargs["attn_implementation"] = args.attn_implementation
+    vision = is_vision_model(args.model_name_or_path, args.trust_remote_code)
+    auto_class = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+    return auto_class.from_pretrained(args.model_name_or_path, **kwargs)
+
+
+def _require_model(args: LoadArguments) -> None:
+    if not args.model_name_or_path:
+        raise ValueError("--model_name_or_path is required (a hub id or a local folder).")
 
 
 def load_reference(args: ModelArguments, model: PreTrainedModel) -> PreTrainedModel | None:

@@ -212,11 +212,17 @@ def eval_report(
     group_by: Sequence[str] = (),
     max_rows: int = 1000,
 ) -> Path:
-    """The ``adpo-eval --html`` page. ``records[label][k]`` scores dataset row ``k``; rows are shown worst first
-    by the first model's policy margin."""
+    """The ``adpo-eval --html`` page. ``records[label]`` holds one record per scored row, ``record["row"]`` the
+    row's id in ``dataset`` (its ``_adpo_row`` column, or its position); rows skipped for one model show blanks in
+    its columns. Rows are shown worst first by the first model's policy margin."""
+    from .data import ROW_ID
+
     labels = list(records)
     first = records[labels[0]]
-    order = sorted(range(len(first)), key=lambda k: (first[k]["logp_margin"], k))
+    ids = dataset[ROW_ID] if ROW_ID in dataset.column_names else list(range(len(dataset)))
+    position = {row_id: k for k, row_id in enumerate(ids)}
+    by_row = {label: {r["row"]: r for r in records[label]} for label in labels}
+    order = sorted(first, key=lambda r: (r["logp_margin"], r["row"]))
     shown = order[:max_rows]
     columns = [Column("row", "row", "num")]
     if group_by:
@@ -229,20 +235,20 @@ def eval_report(
         columns += [Column(f"{label}|logp_margin", f"{prefix}margin log π(y|x_w) − log π(y|x_l)", "num"),
                     Column(f"{label}|logp_chosen", f"{prefix}log π(y|x_w)", "num"),
                     Column(f"{label}|logp_rejected", f"{prefix}log π(y|x_l)", "num")]
-        if "ref_logp_chosen" in records[label][0]:
+        if records[label] and "ref_logp_chosen" in records[label][0]:
             columns += [Column(f"{label}|ref_logp_chosen", f"{prefix}log π_ref(y|x_w)", "num"),
                         Column(f"{label}|ref_logp_rejected", f"{prefix}log π_ref(y|x_l)", "num"),
                         Column(f"{label}|reward_margin", f"{prefix}reward margin", "num")]
     rows = []
-    for k in shown:
-        row = dataset[k]
-        out: dict[str, Any] = {"row": first[k]["row"], "response": row.get("response"), "chosen": row.get("chosen"),
+    for record in shown:
+        row = dataset[position[record["row"]]]
+        out: dict[str, Any] = {"row": record["row"], "response": row.get("response"), "chosen": row.get("chosen"),
                                "rejected": row.get("rejected"), "chosen_images": _images(row, "chosen_images"),
                                "rejected_images": _images(row, "rejected_images")}
         if group_by:
             out["_group"] = " / ".join(str(row.get(g)) for g in group_by)
         for label in labels:
-            out |= {f"{label}|{key}": value for key, value in records[label][k].items()}
+            out |= {f"{label}|{key}": value for key, value in by_row[label].get(record["row"], {}).items()}
         rows.append(out)
     summary: dict[str, Any] = {"dataset": report.get("dataset"), "split": report.get("split"),
                                "beta": report.get("beta")}
