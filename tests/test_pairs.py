@@ -294,7 +294,8 @@ def test_check_reports_what_the_trainer_would_refuse(source: Path, tmp_path: Pat
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = check(str(out), model_name_or_path=str(tiny_idefics3), max_length=120)
     assert result.total == 11
-    assert {r["row"]: r["field"] for r in result.refused} == {2: "rejected_images", 6: "chosen"}
+    # The trainer refuses identical sides too (no signal): reported as refused and as identical.
+    assert {r["row"]: r["field"] for r in result.refused} == {2: "rejected_images", 4: "rejected", 6: "chosen"}
     assert "image file not found" in result.rows[2]["problem"] and "over --max_length 120" in result.rows[6]["problem"]
     assert result.identical == [4] and result.duplicates == [[0, 10]]
     assert result.image_modes == {"RGB": 21} and result.image_sizes == {"48x48": 21}  # the missing one is not counted
@@ -303,7 +304,8 @@ def test_check_reports_what_the_trainer_would_refuse(source: Path, tmp_path: Pat
 
     collator = ADPOCollator(load_processor(str(tiny_idefics3)), multimodal=True)
     row = load_adpo_dataset(str(out))[0]
-    expected = pair_lengths(collator, collator.encode_side(row, "chosen"), collator.encode_side(row, "rejected"), 0)
+    sides = [collator.encode_side(row, "chosen"), collator.encode_side(row, "rejected")]
+    expected = pair_lengths(collator, sides, ["chosen", "rejected"], 0)
     assert [result.rows[0]["tokens_chosen"], result.rows[0]["tokens_rejected"]] == expected
     # Without a model: the schema and the images only.
     plain = check(str(out))

@@ -289,7 +289,7 @@ def check_report(result: Any, name: str, path: str | Path, *, max_rows: int = 10
                     Column("tokens_response", "response tokens", "num")]
     rows = []
     for record in shown:
-        row = result.source.row(record["row"])
+        row = result.source.row(record["position"]) if record["position"] is not None else {}
         why = f"{record['field']}: {record['problem']}" if record["problem"] else ""
         rows.append({**record, "_group": status(record), "why": why, "response": row.get("response"),
                      "chosen": row.get("chosen"), "rejected": row.get("rejected"),

@@ -14,7 +14,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .build import STRATEGIES, BuildReport, normalise, plan_prompt_swap, plan_swap, prompt_swap_rows, swap_rows
+from .build import (
+    STRATEGIES,
+    BuildReport,
+    count_unreadable,
+    normalise,
+    plan_prompt_swap,
+    plan_swap,
+    prompt_swap_rows,
+    swap_rows,
+)
 from .check import CheckResult, check_dataset
 from .io import Source, load_source, undecoded, write_rows
 
@@ -22,8 +31,9 @@ __all__ = ["STRATEGIES", "BuildReport", "CheckResult", "Source", "check", "from_
            "load_source", "normalise", "prompt_swap", "swap"]
 
 
-def _source(data: str | Source, split: str, config: str | None) -> Source:
-    return data if isinstance(data, Source) else load_source(data, split, config)
+def _source(data: str | Source, split: str, config: str | None, on_bad_rows: str = "error",
+            image_root: str | None = None) -> Source:
+    return data if isinstance(data, Source) else load_source(data, split, config, on_bad_rows, image_root)
 
 
 def _embedder(model_name_or_path: str | None, images: str, cache_dir: str | None, dtype: str,
@@ -61,7 +71,7 @@ def swap(
 ) -> BuildReport:
     """(images, prompt, response) rows → ADPO rows whose rejected images come from another row (``strategy``:
     ``random``, ``same-prompt`` or ``similar``, see :mod:`adpo.pairs.build`)."""
-    source = _source(data, split, config)
+    source = _source(data, split, config, on_bad_rows)
     plan, _ = plan_swap(source, strategy=strategy, negatives=negatives, seed=seed, prompt=prompt,
                         response=response, images=images, on_bad_rows=on_bad_rows,
                         embed=_embedder(model_name_or_path, images, cache_dir, dtype, device))
@@ -82,7 +92,8 @@ def from_dpo(
     """DPO rows (prompt, images, chosen, rejected: two answers) → multitask rows: the DPO pair (``prompt``,
     ``prompt_images``, ``chosen_response``, ``rejected_response``) and an ADPO side built by :func:`swap` on the
     chosen answer, ready for ``adpo-train --multitask_weight``."""
-    source = _source(data, swap_options.pop("split", "train"), swap_options.pop("config", None))
+    source = _source(data, swap_options.pop("split", "train"), swap_options.pop("config", None),
+                     swap_options.get("on_bad_rows", "error"))
     embed = _embedder(swap_options.pop("model_name_or_path", None), images, swap_options.pop("cache_dir", None),
                       swap_options.pop("dtype", "float32"), swap_options.pop("device", None))
     strategy = swap_options.get("strategy", "random")
@@ -118,7 +129,7 @@ def prompt_swap(
     config: str | None = None,
 ) -> BuildReport:
     """Same images, another prompt: from another row showing the same images, or from ``templates``."""
-    source = _source(data, split, config)
+    source = _source(data, split, config, on_bad_rows)
     plan, report = plan_prompt_swap(source, negatives=negatives, seed=seed, templates=templates, prompt=prompt,
                                     response=response, images=images, on_bad_rows=on_bad_rows)
     _write(prompt_swap_rows(source, plan, prompt, response, images), output, report)
@@ -133,10 +144,9 @@ def import_rows(
     input``, the report)."""
     from .imports import import_rows as convert
 
-    source = _source(data, split, config)
-    if image_root is not None:
-        source.image_root = image_root
+    source = _source(data, split, config, on_bad_rows, image_root)
     report = BuildReport("import", source_rows=len(source))
+    count_unreadable(source, report)
     kind, rows = convert(source, on_bad_rows, report)
     report.built = f"import ({'ADPO pairs' if kind == 'pairs' else 'images, prompt, response rows for swap'})"
     _write(rows, output, report, count=False)
@@ -160,6 +170,7 @@ def check(
     """Check a dataset of ADPO rows, read exactly as the trainer reads it (see :mod:`adpo.pairs.check`)."""
     if isinstance(data, Source):
         return check_dataset(data, **options)
-    from ..data import load_adpo_dataset
+    from ..data import load_adpo_rows
 
-    return check_dataset(Source(data, undecoded(load_adpo_dataset(data, split, config)), None), **options)
+    loaded = load_adpo_rows(data, split, config, on_bad_rows="skip")  # unreadable records are reported too
+    return check_dataset(Source(data, undecoded(loaded.dataset), None, loaded.skipped), **options)

@@ -85,10 +85,19 @@ class SourceColumns:
         return [i for i in range(len(self.prompts)) if i not in self.bad]
 
 
+def count_unreadable(source: Source, report: BuildReport) -> None:
+    """Records the loader could not parse (left out under ``--on_bad_rows skip``) count as source rows without
+    output, under their reason."""
+    for err in source.unreadable:
+        report.skip(f"{err.field}: {err.problem.split(':')[0]}", err.row)
+    report.source_rows += len(source.unreadable)
+
+
 def read_columns(
     source: Source, prompt: str, response: str, images: str, on_bad_rows: str, report: BuildReport
 ) -> SourceColumns:
     """Read and check the columns a swap needs; a bad row raises (``error``) or is counted (``skip``)."""
+    count_unreadable(source, report)
     missing = [c for c in (prompt, response, images) if c not in source.columns]
     if missing:
         raise ADPODataError(None, missing[0], f"{source.name} has no column {missing[0]!r} (columns: "

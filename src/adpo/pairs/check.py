@@ -129,9 +129,10 @@ def check_dataset(
                 if model_name_or_path else None)
     result = CheckResult(source.name, total=len(source), model=model_name_or_path, source=source)
     seen: dict[tuple, list[int]] = defaultdict(list)
-    for i, row in enumerate(tqdm(source.rows(), total=len(source), desc="checking rows", unit="row")):
+    for position, row in enumerate(tqdm(source.rows(), total=len(source), desc="checking rows", unit="row")):
+        i = row.get(ROW_ID, position)  # the record's number in the file, as the trainer names it
         row = {**row, ROW_ID: i}
-        record: dict[str, Any] = {"row": i, "field": None, "problem": None}
+        record: dict[str, Any] = {"row": i, "position": position, "field": None, "problem": None}
         digests = {side: _describe_images(source, row, f, i, result) for side, f in SIDE_IMAGES.items()}
         try:
             if collator is not None:
@@ -147,6 +148,10 @@ def check_dataset(
         seen[(texts, digests["chosen"], digests["rejected"])].append(i)
         result.rows.append(record)
     result.duplicates = [rows for rows in seen.values() if len(rows) > 1]
+    for err in source.unreadable:  # records the trainer's reader could not even parse
+        result.rows.append({"row": err.row, "position": None, "field": err.field, "problem": err.problem})
+    result.total += len(source.unreadable)
+    result.rows.sort(key=lambda r: (r["row"] is None, r["row"] or 0))
     return result
 
 
@@ -183,7 +188,8 @@ def _trainer_check(row: dict[str, Any], collator: Any, max_length: int | None, m
     check_row(row, collator, max_length=max_length, max_response_length=max_response_length)
     chosen, rejected = collator.encode_side(row, "chosen"), collator.encode_side(row, "rejected")
     record["tokens_response"] = len(chosen.response_ids)
-    record["tokens_chosen"], record["tokens_rejected"] = pair_lengths(collator, chosen, rejected, row[ROW_ID])
+    record["tokens_chosen"], record["tokens_rejected"] = pair_lengths(collator, [chosen, rejected],
+                                                                      ["chosen", "rejected"], row[ROW_ID])
 
 
 def _schema_check(source: Source, row: dict[str, Any], i: int) -> None:

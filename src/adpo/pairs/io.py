@@ -17,14 +17,14 @@ import os
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image as PILImage
 from tqdm.auto import tqdm
 
-from ..data import _LOCAL_FORMATS, ADPODataError, _is_saved_dataset, row_images
+from ..data import ADPODataError, row_images
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +34,13 @@ OUTPUT_IMAGE_FIELDS = ("chosen_images", "rejected_images", "prompt_images", "ima
 
 @dataclass
 class Source:
-    """A dataset to build from: its rows (images undecoded) and the folder relative image paths start from."""
+    """A dataset to build from: its rows (images undecoded), the folder relative image paths start from (None
+    when they were made absolute on loading), and the records that could not be read at all."""
 
     name: str
     dataset: Any  # datasets.Dataset
     image_root: str | None
+    unreadable: list[ADPODataError] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -61,30 +63,51 @@ class Source:
                 yield dict(zip(columns, values, strict=True))
 
 
-def load_source(name: str, split: str = "train", config: str | None = None) -> Source:
-    """A JSONL/JSON/CSV/Parquet file, a ``save_to_disk`` folder or a hub dataset, with image columns undecoded."""
-    from datasets import DatasetDict, load_dataset, load_from_disk
+# Image columns of the rows builders read (swap input, ms-swift, LLaVA); the trainer's loader resolves its own.
+SOURCE_IMAGE_FIELDS = ("images", "image", "rejected_images")
 
-    path = Path(name)
-    image_root = None
-    if path.is_file():
-        builder = _LOCAL_FORMATS.get(path.suffix.lower())
-        if builder is None:
-            raise ValueError(f"{name}: unsupported file type {path.suffix!r}; use one of "
-                             f"{', '.join(sorted(_LOCAL_FORMATS))} or a save_to_disk folder.")
-        dataset = load_dataset(builder, data_files=str(path), split="train")
-        image_root = str(path.resolve().parent)
-    elif path.is_dir() and _is_saved_dataset(path):
-        dataset = load_from_disk(str(path))
-        if isinstance(dataset, DatasetDict):
-            if split not in dataset:
-                raise ValueError(f"{name} has splits {sorted(dataset)}, not {split!r}: set --split.")
-            dataset = dataset[split]
-    elif path.exists():
-        raise ValueError(f"{name}: neither a .jsonl/.json/.csv/.parquet file nor a save_to_disk folder.")
-    else:
-        dataset = load_dataset(name, config, split=split)
-    return Source(name, undecoded(dataset), image_root)
+
+def load_source(
+    name: str, split: str = "train", config: str | None = None, on_bad_rows: str = "error",
+    image_root: str | None = None,
+) -> Source:
+    """Rows of any dataset the trainer reads (a JSONL/JSON/CSV/TSV/Parquet file or folder of them, read by the
+    trainer's own readers; a ``save_to_disk`` folder; a hub id), whatever their columns, images undecoded.
+
+    Relative image paths are resolved against the folder of the file that holds them, or, given ``image_root``,
+    against that folder. An unreadable record raises (``on_bad_rows="error"``) or is kept in ``unreadable``.
+    """
+    from datasets import concatenate_datasets
+
+    from .. import data
+
+    path = Path(name).expanduser()
+    if path.is_dir() and data._is_saved_dataset(path):
+        return Source(name, undecoded(data._load_saved(path, split)), image_root)
+    if path.is_file() or path.is_dir():
+        parts, unreadable = [], []
+        for file in [path] if path.is_file() else data.data_files(path, split):
+            loaded = data._load_files(name, [file], None, on_bad_rows)
+            root = image_root or str(file.resolve().parent)
+            parts.append(_resolve_paths(loaded.dataset, root))
+            unreadable += loaded.skipped
+        dataset = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+        return Source(name, undecoded(dataset.remove_columns([c for c in [data.ROW_ID]
+                                                               if c in dataset.column_names])), None, unreadable)
+    if data._looks_like_a_path(name):
+        raise ValueError(f"{name}: no such file or folder.")
+    return Source(name, undecoded(data._load_hub(name, config, split)), image_root)
+
+
+def _resolve_paths(dataset: Any, root: str) -> Any:
+    """The builders' image columns with relative paths joined to ``root`` (the trainer's resolver)."""
+    from ..data import resolve_image_paths
+
+    fields = [f for f in SOURCE_IMAGE_FIELDS if f in dataset.column_names]
+    if not fields:
+        return dataset
+    return dataset.map(lambda row: {f: resolve_image_paths(row[f], root) for f in fields},
+                       desc="resolving image paths")
 
 
 def undecoded(dataset: Any) -> Any:
