@@ -35,6 +35,7 @@ from .config import LoadArguments, RowArguments
 from .data import ROW_ID, iter_batches, load_adpo_rows
 from .logprobs import response_logps
 from .modeling import is_vision_model, load_model, load_processor_for
+from .preflight import check_model_source
 from .validate import validate_dataset
 
 logger = logging.getLogger(__name__)
@@ -291,6 +292,7 @@ def evaluate(model: LoadArguments, rows: RowArguments, args: EvalArguments) -> d
         raise ValueError("--dataset_name is required (hub id, save_to_disk folder, or .json/.jsonl/.parquet/.csv).")
     if not model.model_name_or_path:
         raise ValueError("--model_name_or_path is required (a model folder, hub id or PEFT adapter folder).")
+    check_model_source(model.model_name_or_path, "--model_name_or_path")  # before the rows are read
     loaded_rows = load_adpo_rows(rows.dataset_name, rows.dataset_split, rows.dataset_config, rows.max_eval_samples,
                                  rows.on_bad_rows)
     dataset = loaded_rows.dataset
