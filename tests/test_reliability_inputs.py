@@ -342,3 +342,13 @@ def test_empty_folder_unsupported_file_and_odd_image_paths(tmp_path, vl_collator
         row = {ROW_ID: 2, **ROW, "chosen_images": [red], "rejected_images": [value]}
         with pytest.raises(ADPODataError, match=rf"^row 2, field 'rejected_images': image file not found: .*{words}"):
             check_row(row, vl_collator)
+
+
+def test_rows_to_dataset_reads_files_as_training_does(tmp_path):
+    from adpo.datasets_tools import rows_to_dataset
+
+    (tmp_path / "rows.jsonl").write_text(jsonl([ROW, '{"response": ', ROW]))
+    with pytest.raises(ADPODataError, match=rf"^row 1: not valid JSON: line 2 of {tmp_path / 'rows.jsonl'}"):
+        rows_to_dataset(tmp_path / "rows.jsonl")
+    (tmp_path / "rows.csv").write_bytes(b"\xef\xbb\xbfresponse,chosen,rejected\r\nR,a,b\r\n")
+    assert rows_to_dataset(tmp_path / "rows.csv")[0]["response"] == "R"  # the BOM is not part of the name
