@@ -331,6 +331,12 @@ def check_training_values(args: Any) -> None:
         if value < low or (value == low and not inclusive):
             bound = f">= {low:g}" if inclusive else "positive"
             raise ValueError(f"--{name} must be {bound}, got {value}: {why}.")
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    if args.max_steps <= 0 and args.num_train_epochs <= 0:
+        raise ValueError(f"--num_train_epochs {args.num_train_epochs} (and no --max_steps) trains nothing; give a "
+                         "positive number of epochs or --max_steps.")
     if args.use_cpu and args.deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # DeepSpeed would count each CPU process as a world of one and fail its batch-size check.
         raise ValueError("--use_cpu with --deepspeed under a multi-process launcher (torchrun, accelerate launch) "
