@@ -12,10 +12,13 @@ per-device batch 4 pairs = 8 sequences, dataloader in the main process) on rows 
 - ``compile``: a Llama-architecture text model: eager vs ``--torch_compile`` (inductor), after warm-up steps that
   include the compilation.
 
-Reported per configuration: pairs/s over the timed steps (step time from one step end to the next: collation,
-reference forward, policy forward + backward, optimizer), step memory (peak RSS during the timed steps minus RSS
-when they start, glibc malloc set to return memory so RSS follows live memory), and for packing the padding share
-of the padded batches' tokens. Run:
+Each comparison runs in its own process: one trainer (policy + frozen reference, fp32, 4 pairs = 8 sequences per
+step), a few collated batches, and the baseline and the new setting stepped on the same batches in turn (A B A B
+...) after warm-up, so load from other processes on the machine hits both alike. A step is
+``ADPOTrainer.training_step``: the reference's forward, the policy's forward and backward (collation and the
+optimizer are the same in both and left out). Reported: pairs/s, step memory (peak RSS during a step minus RSS
+before it, the largest over the steps; glibc malloc set to return memory so RSS follows live memory), and the
+padding share of the padded batches' tokens. Run:
 
     PYTHONPATH=src python bench/bench_packing.py [--threads 2] [--only packing dedup compile] [--json out.json]
 """
@@ -37,21 +40,15 @@ from typing import Any
 WORDS = ("what fruit is shown in this image the shape red green blue yellow circle square triangle star left "
          "right top bottom small large apple one two three four five describe picture question answer").split()
 
-CONFIGS: dict[str, dict[str, Any]] = {
-    "llava_next padded": {"model": "llava_next", "rows": "mixed", "padding_free": False},
-    "llava_next packed": {"model": "llava_next", "rows": "mixed", "padding_free": None},
-    "qwen2_vl padded": {"model": "qwen2_vl", "rows": "mixed", "padding_free": False},
-    "qwen2_vl packed": {"model": "qwen2_vl", "rows": "mixed", "padding_free": None},
-    "vision-heavy, every occurrence": {"model": "llava_next_vision", "rows": "shared", "dedup": False},
-    "vision-heavy, each image once": {"model": "llava_next_vision", "rows": "shared", "dedup": True},
-    "llama eager": {"model": "llama", "rows": "text", "compile": False},
-    "llama torch_compile": {"model": "llama", "rows": "text", "compile": True},
+# comparison → (model, rows, the ADPOConfig field toggled, baseline value, new value)
+COMPARISONS: dict[str, tuple[str, str, str, Any, Any]] = {
+    "packing, LLaVA-NeXT-style": ("llava_next", "mixed", "padding_free", False, None),
+    "packing, Qwen2-VL-style": ("qwen2_vl", "mixed", "padding_free", False, None),
+    "image de-duplication, vision-heavy LLaVA-NeXT, shared-image rows": (
+        "llava_next_vision", "shared", "deduplicate_images", False, True),
+    "torch_compile, Llama-style text model": ("llama", "text", "torch_compile", False, True),
 }
-GROUPS = {
-    "packing": [("llava_next padded", "llava_next packed"), ("qwen2_vl padded", "qwen2_vl packed")],
-    "dedup": [("vision-heavy, every occurrence", "vision-heavy, each image once")],
-    "compile": [("llama eager", "llama torch_compile")],
-}
+GROUPS = {"packing": list(COMPARISONS)[:2], "dedup": [list(COMPARISONS)[2]], "compile": [list(COMPARISONS)[3]]}
 
 
 class PeakRSS:
@@ -146,64 +143,73 @@ def make_rows(kind: str, count: int, seed: int = 0) -> list[dict[str, Any]]:
     return rows
 
 
-# ------------------------------------------------------------------------------------------------ one configuration
-def run_one(name: str, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
+# ------------------------------------------------------------------------------------------------ one comparison
+def run_comparison(name: str, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Baseline and new setting on the same batches in one process, steps interleaved (A B A B ...), so load from
+    other processes hits both alike. A step: the reference's forward, the policy's forward and backward."""
     import torch
-    from transformers import TrainerCallback
 
     from adpo import ADPOCollator, ADPOConfig, ADPOTrainer
     from adpo.config import ModelArguments
     from adpo.modeling import load_model_and_processor, load_reference
 
     torch.set_num_threads(args.threads)
-    spec = CONFIGS[name]
-    path = build_model(spec["model"], folder)
+    model_name, row_kind, flag, base, new = COMPARISONS[name]
+    path = build_model(model_name, folder)
     model, processor = load_model_and_processor(ModelArguments(model_name_or_path=str(path)))
     ref = load_reference(ModelArguments(model_name_or_path=str(path)), model)
-    multimodal = spec["rows"] != "text"
-    collator = ADPOCollator(processor, multimodal=multimodal)
-    warmup = args.compile_warmup if spec.get("compile") else args.warmup
-    total = warmup + args.steps
-    rows = make_rows(spec["rows"], args.batch_size * total)
-    pad = [1 - float(collator(rows[i: i + args.batch_size])["attention_mask"].float().mean())
-           for i in range(0, len(rows), args.batch_size)] if multimodal else []
-    rss = PeakRSS()
+    collator = ADPOCollator(processor, multimodal=row_kind != "text")
+    rows = make_rows(row_kind, args.batch_size * args.batches)
+    batches = [collator(rows[i: i + args.batch_size]) for i in range(0, len(rows), args.batch_size)]
+    pad = [1 - float(b["attention_mask"].float().mean()) for b in batches]
+    config = ADPOConfig(output_dir=str(folder / "out"), per_device_train_batch_size=args.batch_size,
+                        report_to="none", disable_tqdm=True, use_cpu=True, seed=0)
+    trainer = ADPOTrainer(model=model, args=config, ref_model=ref, data_collator=collator,
+                          processing_class=processor)
+    compiled = torch.compile(model) if flag == "torch_compile" else None
 
-    class StepTimer(TrainerCallback):
-        ends: list[float] = []
+    def step(setting: Any, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+        run_model = model
+        if flag == "torch_compile":
+            run_model = compiled if setting else model
+        else:
+            setattr(trainer.args, flag, setting)
+        rss = PeakRSS()
+        rss.start()
+        start = time.perf_counter()
+        trainer.training_step(run_model, dict(batch))
+        seconds = time.perf_counter() - start
+        model.zero_grad(set_to_none=True)
+        return seconds, rss.stop() - rss.start_value
 
-        def on_step_end(self, *a: Any, **k: Any) -> None:
-            self.ends.append(time.perf_counter())
-            if len(self.ends) == warmup:
-                rss.start()
-
-    timer = StepTimer()
-    config = ADPOConfig(
-        output_dir=str(folder / "out" / name.replace(" ", "_")), per_device_train_batch_size=args.batch_size,
-        max_steps=total, learning_rate=1e-6, logging_steps=total, save_strategy="no", report_to="none",
-        disable_tqdm=True, dataloader_num_workers=0, use_cpu=True, seed=0,
-        padding_free=spec.get("padding_free"), deduplicate_images=spec.get("dedup", True),
-        torch_compile=bool(spec.get("compile")),
-    )
-    trainer = ADPOTrainer(model=model, args=config, ref_model=ref, data_collator=collator, train_dataset=rows,
-                          processing_class=processor, callbacks=[timer])
-    trainer.train()
-    peak = rss.stop()
-    timed = timer.ends[warmup - 1:]
-    seconds = (timed[-1] - timed[0]) / (len(timed) - 1)
-    return {"name": name, "pairs_per_s": args.batch_size / seconds, "s_per_step": seconds,
-            "step_mem_gb": (peak - rss.start_value) / 1e9, "pad_frac": sum(pad) / len(pad) if pad else None,
-            "steps": len(timed) - 1}
+    for setting in (base, new):  # warm-up (compilation, the fused head's first-call check, allocator)
+        for _ in range(args.compile_warmup if flag == "torch_compile" and setting else 1):
+            for batch in batches:
+                step(setting, batch)
+    times: dict[str, list[float]] = {"base": [], "new": []}
+    mems: dict[str, list[int]] = {"base": [], "new": []}
+    for _ in range(args.rounds):
+        for batch in batches:
+            for key, setting in (("base", base), ("new", new)):
+                seconds, mem = step(setting, batch)
+                times[key].append(seconds)
+                mems[key].append(mem)
+    out: dict[str, Any] = {"comparison": name, "flag": flag, "baseline": base, "new": new,
+                           "pad_frac": sum(pad) / len(pad), "steps_each": len(times["base"])}
+    for key in ("base", "new"):
+        out[f"{key}_pairs_per_s"] = args.batch_size * len(times[key]) / sum(times[key])
+        out[f"{key}_step_mem_gb"] = max(mems[key]) / 1e9
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ driver
 def run_child(name: str, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """One configuration in a fresh process (allocator and compile caches of one run do not help another)."""
+    """One comparison in a fresh process (allocator and compile caches of one do not help another)."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0",
            "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, __file__, "--child", name, "--folder", str(folder), "--threads", str(args.threads),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--compile_warmup", str(args.compile_warmup),
-           "--batch_size", str(args.batch_size)]
+           "--rounds", str(args.rounds), "--batches", str(args.batches), "--compile_warmup",
+           str(args.compile_warmup), "--batch_size", str(args.batch_size)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -217,30 +223,31 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=list(GROUPS), default=list(GROUPS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=4, help="pairs per step")
-    parser.add_argument("--steps", type=int, default=4, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--compile_warmup", type=int, default=3, help="warm-up steps with --torch_compile")
+    parser.add_argument("--batches", type=int, default=3, help="different batches, each timed once per round")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--compile_warmup", type=int, default=2, help="warm-up passes over the batches, compiled")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(run_one(args.child, args.folder, args)), flush=True)
+        print("RESULT " + json.dumps(run_comparison(args.child, args.folder, args)), flush=True)
         return
-    results: dict[str, dict[str, Any]] = {}
-    print("| comparison | baseline pairs/s | pairs/s | speed ratio | baseline step mem GB | step mem GB | mem ratio "
-          "| padding in padded batches |")
-    print("|---|---|---|---|---|---|---|---|")
+    results = []
+    print("| comparison | flag: baseline → new | baseline pairs/s | new pairs/s | speed ratio | baseline step mem GB "
+          "| new step mem GB | mem ratio | padding in the padded batches |")
+    print("|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for group in args.only:
-            for base, new in GROUPS[group]:
-                for name in (base, new):
-                    results[name] = run_child(name, Path(tmp), args)
-                b, n = results[base], results[new]
-                pad = f"{b['pad_frac']:.1%}" if b["pad_frac"] is not None else "—"
-                print(f"| {new} vs {base} | {b['pairs_per_s']:.3f} | {n['pairs_per_s']:.3f} | "
-                      f"**{n['pairs_per_s'] / b['pairs_per_s']:.2f}x** | {b['step_mem_gb']:.3f} | "
-                      f"{n['step_mem_gb']:.3f} | {n['step_mem_gb'] / max(b['step_mem_gb'], 1e-9):.2f}x | {pad} |",
+            for name in GROUPS[group]:
+                r = run_child(name, Path(tmp), args)
+                results.append(r)
+                shown = {None: "auto", True: "true", False: "false"}
+                print(f"| {name} | `--{r['flag']}` {shown[r['baseline']]} → {shown[r['new']]} | "
+                      f"{r['base_pairs_per_s']:.3f} | "
+                      f"{r['new_pairs_per_s']:.3f} | **{r['new_pairs_per_s'] / r['base_pairs_per_s']:.2f}x** | "
+                      f"{r['base_step_mem_gb']:.3f} | {r['new_step_mem_gb']:.3f} | "
+                      f"{r['new_step_mem_gb'] / max(r['base_step_mem_gb'], 1e-9):.2f}x | {r['pad_frac']:.1%} |",
                       flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -100,22 +100,23 @@ class PackedBatch:
     bounds: tuple[int, ...]  # (R + 1,) sequence boundaries in the packed row
 
 
-def _base(model: nn.Module) -> nn.Module:
-    """The ``PreTrainedModel`` under PEFT wrappers (DDP/DeepSpeed are unwrapped by the caller)."""
+def unwrapped_base(model: nn.Module) -> nn.Module:
+    """The ``PreTrainedModel`` under torch.compile and PEFT wrappers (DDP/DeepSpeed are unwrapped by the caller)."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
 
 
 def packing_blocker(model: nn.Module, inputs: dict[str, torch.Tensor]) -> str | None:
     """Why the batch ``inputs`` cannot be packed for ``model``, or None if it can."""
-    config = _base(model).config
+    config = unwrapped_base(model).config
     model_type = getattr(config, "model_type", "")
     if model_type in UNPACKABLE:
         return f"{model_type}: {UNPACKABLE[model_type]}"
     if "cross_attention_mask" in inputs:
         return "the batch has a per-row cross-attention mask"
-    if not getattr(_base(model), "_supports_attention_backend", False):
-        return f"{type(_base(model)).__name__} does not take transformers' attention backends"
+    if not getattr(unwrapped_base(model), "_supports_attention_backend", False):
+        return f"{type(unwrapped_base(model)).__name__} does not take transformers' attention backends"
     if "attention_mask" not in inputs:
         return "the batch has no attention mask to find its padding in"
     if inputs["attention_mask"].dim() != 2:
@@ -153,7 +154,7 @@ def pack(inputs: dict[str, torch.Tensor], response_mask: torch.Tensor,
 
 def _rope_positions(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
     """(3, R, L) multimodal rotary positions of the padded rows, for models that compute them (Qwen-VL)."""
-    owner = next((m for m in _base(model).modules() if hasattr(type(m), "get_rope_index")), None)
+    owner = next((m for m in unwrapped_base(model).modules() if hasattr(type(m), "get_rope_index")), None)
     if owner is None:
         return None
     accepted = inspect.signature(owner.get_rope_index).parameters
@@ -176,7 +177,7 @@ def _needs_mask(config: Any) -> bool:
 @contextmanager
 def packed_attention(model: nn.Module, bounds: tuple[int, ...]) -> Iterator[None]:
     """For the duration, the language model's attention runs per sequence of a packed row with ``bounds``."""
-    text = _base(model).config.get_text_config()
+    text = unwrapped_base(model).config.get_text_config()
     implementation = text._attn_implementation
     if implementation in NATIVE:
         yield
@@ -184,7 +185,7 @@ def packed_attention(model: nn.Module, bounds: tuple[int, ...]) -> Iterator[None
     if implementation == "eager":
         name = "adpo_packed_eager_masked"
     else:
-        name = "adpo_packed_sdpa_masked" if _needs_mask(_base(model).config) else "adpo_packed_sdpa"
+        name = "adpo_packed_sdpa_masked" if _needs_mask(unwrapped_base(model).config) else "adpo_packed_sdpa"
     token = _BOUNDS.set(bounds)
     text._attn_implementation = name
     try:
