@@ -166,6 +166,8 @@ def run_comparison(name: str, folder: Path, args: argparse.Namespace) -> dict[st
                         report_to="none", disable_tqdm=True, use_cpu=True, seed=0)
     trainer = ADPOTrainer(model=model, args=config, ref_model=ref, data_collator=collator,
                           processing_class=processor)
+    trainer.current_gradient_accumulation_steps = 1  # what Trainer.train sets before its steps
+    model.train()
     compiled = torch.compile(model) if flag == "torch_compile" else None
 
     def step(setting: Any, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
