@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from transformers import TrainingArguments
@@ -32,15 +33,19 @@ def auto_dataloader_workers(accelerator: bool) -> int:
 
 
 @dataclass
-class ModelArguments:
+class LoadArguments:
+    """How a model and its reference are loaded: shared by ``adpo-train`` and ``adpo-eval``."""
+
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Model to train: a hub id or a local folder that loads with from_pretrained."},
+        metadata={"help": "The model: a hub id or a local folder that loads with from_pretrained (adpo-eval also "
+                  "takes a PEFT adapter folder, loaded on its base model)."},
     )
     ref_model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Reference model (hub id or folder). Default: a frozen copy of the initial model, or "
-                  "with --use_peft the same model with its adapters disabled."},
+        metadata={"help": "Reference model (hub id or folder). Default in training: a frozen copy of the initial "
+                  "model, or with --use_peft the same model with its adapters disabled; in adpo-eval: an "
+                  "adapter's base model (adapters disabled), none for a full model (reward metrics skipped)."},
     )
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = field(
         default="float32",
@@ -51,6 +56,12 @@ class ModelArguments:
         default=None, metadata={"help": "Attention kernel, e.g. sdpa, eager, flash_attention_2 (default: model's)."}
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom code from the model repository."})
+
+
+@dataclass
+class ModelArguments(LoadArguments):
+    """:class:`LoadArguments` plus what training changes in the model (LoRA, frozen components)."""
+
     use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of the full model."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
@@ -73,6 +84,10 @@ class ModelArguments:
     def __post_init__(self) -> None:
         if self.lora_r <= 0:
             raise ValueError(f"--lora_r must be positive, got {self.lora_r}.")
+        if not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
+            # alpha / r scales the LoRA update: 0 trains nothing, a negative value reverses it.
+            raise ValueError(f"--lora_alpha must be positive, got {self.lora_alpha} (the update is scaled by "
+                             "lora_alpha / lora_r).")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
         if self.use_peft and (self.freeze_vision_tower or self.freeze_mm_projector):
@@ -86,26 +101,23 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
+class RowArguments:
+    """Which rows are read and how they become batches: shared by ``adpo-train`` and ``adpo-eval``, so evaluation
+    measures exactly what training optimises (see :func:`adpo.collator.collator_from_args`)."""
+
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "Training rows: a hub dataset id, a folder written by save_to_disk, or a local "
-                  ".json/.jsonl/.parquet/.csv file (image fields there are paths relative to the file)."},
+        metadata={"help": "The rows (training rows for adpo-train): a hub dataset id, a folder written by "
+                  "save_to_disk, or a local .json/.jsonl/.parquet/.csv file (image fields there are paths relative "
+                  "to the file)."},
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
-    dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
-    eval_dataset_name: str | None = field(
-        default=None, metadata={"help": "Evaluation rows (same forms as --dataset_name). Default: --dataset_name."}
-    )
-    eval_split: str | None = field(
-        default=None, metadata={"help": "Split to evaluate on (with --eval_strategy steps|epoch)."}
-    )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of --dataset_name to read."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation rows."})
     multimodal_mode: bool | None = field(
         default=None,
         metadata={"help": "Feed each side's images to the model. Unset: on when the model takes images and the "
-                  "rows carry them. --multimodal_mode false trains text-only (images withheld), e.g. for a "
+                  "rows carry them. --multimodal_mode false withholds the images (text only), e.g. for a "
                   "text-only baseline."},
     )
     separate_images: bool = field(
@@ -129,10 +141,10 @@ class DataArguments:
     )
     on_bad_rows: Literal["error", "skip"] = field(
         default="error",
-        metadata={"help": "A row that cannot be trained on exactly as given (missing or empty field, unreadable "
-                  "image, placeholder/image count mismatch, too long, ...) is checked before training. error: "
-                  "stop, naming the row and field. skip: leave it out and report how many rows were skipped and "
-                  "why (the run still fails if no row is left)."},
+        metadata={"help": "Every row is checked before the model is loaded; a row that cannot be used exactly as "
+                  "given (missing or empty field, unreadable image, placeholder/image count mismatch, too long, "
+                  "...): error: stop, naming the row and field. skip: leave it out and report how many rows were "
+                  "skipped and why (the run still fails if no row is left)."},
     )
     max_length: int | None = field(
         default=None,
@@ -147,6 +159,9 @@ class DataArguments:
     )
 
     def __post_init__(self) -> None:
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
+            raise ValueError(f"--pad_to_multiple_of must be a positive number of tokens, got {self.pad_to_multiple_of}"
+                             " (leave it out to pad each batch to its longest row).")
         for name in ("max_length", "max_response_length"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -155,10 +170,8 @@ class DataArguments:
             raise ValueError(f"--on_bad_rows must be error or skip, got {self.on_bad_rows!r}.")
         if self.max_image_size is not None and self.max_image_size < 1:
             raise ValueError(f"--max_image_size must be a positive number of pixels, got {self.max_image_size}.")
-        for name in ("max_train_samples", "max_eval_samples"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"--{name} must be at least 1, got {value}.")
+        if self.max_eval_samples is not None and self.max_eval_samples < 1:
+            raise ValueError(f"--max_eval_samples must be at least 1, got {self.max_eval_samples}.")
         self.image_processor_kwargs_dict()  # fail on bad JSON now, not at the first batch
 
     def image_processor_kwargs_dict(self) -> dict[str, Any]:
@@ -175,6 +188,24 @@ class DataArguments:
         if not isinstance(value, dict):
             raise ValueError(f"--image_processor_kwargs must be a JSON object, got {type(value).__name__}.")
         return value
+
+
+@dataclass
+class DataArguments(RowArguments):
+    """:class:`RowArguments` plus the training run's own splits."""
+
+    eval_dataset_name: str | None = field(
+        default=None, metadata={"help": "Evaluation rows (same forms as --dataset_name). Default: --dataset_name."}
+    )
+    eval_split: str | None = field(
+        default=None, metadata={"help": "Split to evaluate on (with --eval_strategy steps|epoch)."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise ValueError(f"--max_train_samples must be at least 1, got {self.max_train_samples}.")
 
 
 @dataclass
@@ -260,6 +291,7 @@ class ADPOConfig(TrainingArguments):
             self.dataloader_num_workers = auto_dataloader_workers(_has_accelerator())
         elif self.dataloader_num_workers < -1:
             raise ValueError(f"--dataloader_num_workers must be >= 0, or -1 (auto); got {self.dataloader_num_workers}.")
+        check_training_values(self)  # before anything is set up for a run that cannot work
         if not _has_accelerator():
             self.dataloader_pin_memory = False  # nothing to pin for
             if (self.bf16 or self.fp16) and not self.use_cpu:
@@ -277,7 +309,7 @@ class ADPOConfig(TrainingArguments):
             raise ValueError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}.")
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise ValueError("--label_smoothing applies to --loss_type sigmoid only.")
-        if self.dpop_lambda < 0:
+        if not self.dpop_lambda >= 0:  # NaN fails this too
             raise ValueError(f"--dpop_lambda must be >= 0, got {self.dpop_lambda}.")
         if self.dpop_lambda and (self.loss_type != "sigmoid" or self.reference_free):
             raise ValueError("--dpop_lambda (A-DPOP) needs --loss_type sigmoid and a reference model.")
@@ -287,3 +319,40 @@ class ADPOConfig(TrainingArguments):
             raise ValueError("--precompute_ref_log_probs has nothing to compute with --reference_free; drop one.")
         if self.remove_unused_columns:
             raise ValueError("--remove_unused_columns must stay false: the collator reads the raw rows.")
+
+
+# (flag, lowest allowed, whether the lowest is allowed, why): values outside make training impossible or destructive.
+_TRAINING_BOUNDS = (
+    ("beta", 0.0, False, "β scales the log-ratio margin; 0 or less gives no (or a reversed) preference"),
+    ("learning_rate", 0.0, False, "0 trains nothing; a negative rate climbs the loss"),
+    ("adam_epsilon", 0.0, False, "Adam divides by sqrt(v) + ε: with 0 a parameter whose gradient is 0 becomes NaN"),
+    ("weight_decay", 0.0, True, "negative decay grows every weight without bound"),
+    ("max_grad_norm", 0.0, True, "a negative clipping norm is meaningless (0 switches clipping off)"),
+    ("adam_beta1", 0.0, True, "Adam's first-moment decay"),
+    ("adam_beta2", 0.0, True, "Adam's second-moment decay (1 never forgets, and divides by 0 at step 1)"),
+)
+_BELOW_ONE = ("adam_beta1", "adam_beta2")
+
+
+def check_training_values(args: Any) -> None:
+    """Refuse NaN/inf in any numeric flag, and values that cannot train (``--beta 0``, ``--adam_epsilon 0``...),
+    saying why."""
+    for f in fields(args):
+        value = getattr(args, f.name, None)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{f.name} must be a finite number, got {value}.")
+    for name, low, inclusive, why in _TRAINING_BOUNDS:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if name in _BELOW_ONE and not low <= value < 1:
+            raise ValueError(f"--{name} must be in [0, 1), got {value}: {why}.")
+        if value < low or (value == low and not inclusive):
+            bound = f">= {low:g}" if inclusive else "positive"
+            raise ValueError(f"--{name} must be {bound}, got {value}: {why}.")
+    if args.use_cpu and args.deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # DeepSpeed would count each CPU process as a world of one and fail its batch-size check.
+        raise ValueError("--use_cpu with --deepspeed under a multi-process launcher (torchrun, accelerate launch) "
+                         "cannot work: DeepSpeed would see each process as a world of one. On a machine without GPUs "
+                         "leave --use_cpu out (adpo then runs DeepSpeed over gloo on the CPUs); with GPUs drop "
+                         "--use_cpu, or drop --deepspeed to train on the CPUs.")

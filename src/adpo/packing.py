@@ -54,6 +54,7 @@ UNPACKABLE = {
     "paligemma": "its bidirectional prefix is built from the padded rows' token types",
     "gemma3": "transformers' packed mask looks its bidirectional image blocks up by in-sequence position in the "
               "sliding-window layers, which is wrong for every sequence after the first",
+    "qwen3_5": "its linear-attention (Gated DeltaNet) layers carry their state along the row, across sequences",
 }
 # Attention implementations that pack natively in transformers (varlen from packed position ids).
 NATIVE = ("flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention")
@@ -130,6 +131,10 @@ def packing_blocker(model: nn.Module, inputs: dict[str, torch.Tensor]) -> str | 
         return "the batch has a per-row cross-attention mask"
     if not getattr(unwrapped_base(model), "_supports_attention_backend", False):
         return f"{type(unwrapped_base(model)).__name__} does not take transformers' attention backends"
+    layer_types = set(getattr(config.get_text_config(), "layer_types", None) or ())
+    if layer_types - {"full_attention", "sliding_attention"}:
+        return (f"its language model has {sorted(layer_types - {'full_attention', 'sliding_attention'})} layers, "
+                "whose state would run along the packed row across sequences")
     if "attention_mask" not in inputs:
         return "the batch has no attention mask to find its padding in"
     if inputs["attention_mask"].dim() != 2:
