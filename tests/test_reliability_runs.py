@@ -57,6 +57,9 @@ REFUSED = [
     ("--lora_dropout", "nan", "--lora_dropout must be in [0, 1)"),
     ("--pad_to_multiple_of", "-8", "--pad_to_multiple_of must be a positive number"),
     ("--pad_to_multiple_of", "0", "--pad_to_multiple_of must be a positive number"),
+    ("--num_train_epochs", "0", "--num_train_epochs 0.0 (and no --max_steps) trains nothing"),
+    ("--per_device_train_batch_size", "0", "--per_device_train_batch_size must be at least 1, got 0"),
+    ("--gradient_accumulation_steps", "0", "--gradient_accumulation_steps must be at least 1, got 0"),
 ]
 
 
@@ -335,3 +338,55 @@ def test_images_within_the_decode_budget_are_shrunk(monkeypatch):
         load_image(as_png.getvalue(), max_size=20)
     Image.new("RGB", (400, 200)).save(as_jpeg, "JPEG")  # 80000 px, but JPEG decodes at 1/8 scale: 1250 px
     assert load_image(as_jpeg.getvalue(), max_size=50).size == (50, 25)
+
+
+# ------------------------------------------------------------------------------ class: one line, not a traceback
+def _entry(monkeypatch, capsys, argv: list[str]) -> tuple[int, str]:
+    from adpo.cli import run
+
+    monkeypatch.setattr("sys.argv", ["adpo-train", *argv])
+    with pytest.raises(SystemExit) as info:
+        run()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return info.value.code, "\n".join(line for line in err.splitlines() if line.startswith("adpo:"))
+
+
+def test_cli_checks_the_output_dir_and_model_before_loading_anything(tiny_llama, text_jsonl, tmp_path, monkeypatch,
+                                                                       capsys):
+    def never(*args, **kwargs):
+        raise AssertionError("loaded something before the checks")
+
+    monkeypatch.setattr("adpo.pipeline.load_adpo_rows", never)
+    monkeypatch.setattr("adpo.pipeline.load_processor_for", never)
+    (tmp_path / "a-file").write_text("x")
+    base = ["--model_name_or_path", str(tiny_llama), "--dataset_name", str(text_jsonl), "--report_to", "none"]
+    cases = [
+        (["--output_dir", str(tmp_path / "a-file")], "is an existing file, not a folder"),
+        (["--output_dir", str(tmp_path / "a-file" / "out")], "is a file, so the folder cannot be created"),
+        (["--output_dir", str(tmp_path / "o"), "--model_name_or_path", str(tmp_path / "no-model")], "no such folder"),
+        (["--output_dir", str(tmp_path / "o"), "--beta", "nan"], "--beta must be a finite number, got nan"),
+        (["--output_dir", str(tmp_path / "o"), "--resume_from_checkpoint", str(tmp_path)],
+         "the checkpoint is incomplete (trainer_state.json is missing"),
+    ]
+    for extra, words in cases:
+        code, err = _entry(monkeypatch, capsys, [*base, *extra])
+        assert code == 2 and err.startswith("adpo: error: ") and words in err, (extra, err)
+
+
+@pytest.mark.parametrize(("raised", "code", "words"), [
+    (OSError(28, "No space left on device"), 1, "adpo: error: [Errno 28] No space left on device"),
+    (NonFiniteTrainingError("every one of the 3 optimizer steps was skipped"), 1, "adpo: error: every one of"),
+    (KeyboardInterrupt(), 130, "adpo: interrupted"),
+    (ValueError("--x must be positive"), 2, "adpo: error: --x must be positive"),
+])
+def test_failures_end_in_one_line_and_an_exit_status(raised, code, words, capsys):
+    from adpo.cli import run_entry_point
+
+    def entry() -> int:
+        raise raised
+
+    with pytest.raises(SystemExit) as info:
+        run_entry_point(entry, "adpo")
+    err = capsys.readouterr().err
+    assert info.value.code == code and words in err and "Traceback" not in err

@@ -67,6 +67,11 @@ class EvalArguments:
     )
     device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available, else cpu)."})
     output_dir: str = field(default="adpo-eval", metadata={"help": "Folder for rows.csv, summary.json, plots."})
+    html: str | None = field(
+        default=None, metadata={"help": "Also write a self-contained HTML report (summary, plots, every pair with "
+                                "its images and log-probs, worst first) to this path."}
+    )
+    html_max_rows: int = field(default=1000, metadata={"help": "Pairs shown in the HTML report (the worst)."})
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -333,7 +338,11 @@ def evaluate(model: LoadArguments, rows: RowArguments, args: EvalArguments) -> d
     (out / "summary.json").write_text(json.dumps(report, indent=2))
     from .plots import plot_evaluation
 
-    plot_evaluation(summaries, records, out / "evaluation.png", group_by=group_by)
+    plot = plot_evaluation(summaries, records, out / "evaluation.png", group_by=group_by)
+    if args.html:
+        from .report import eval_report
+
+        eval_report(report, records, dataset, args.html, plot=plot, group_by=group_by, max_rows=args.html_max_rows)
     return {**report, "skipped": skipped}
 
 

@@ -128,6 +128,7 @@ def train_and_save(model_args: ModelArguments, data_args: DataArguments, trainin
 
     Returns the exit code: 0, or 130 when Ctrl-C stopped training (after saving a checkpoint; no final model).
     """
+    from ..modelcard import use_adpo_model_card
     from ..pipeline import build_trainer  # heavy imports after argument errors are reported
     from .interrupt import StopOnInterrupt, graceful_interrupt
 
@@ -146,10 +147,12 @@ def train_and_save(model_args: ModelArguments, data_args: DataArguments, trainin
                   f"{Path(training_args.output_dir) / f'checkpoint-{stop.stopped_at}'}; continue with "
                   "--resume_from_checkpoint last (no final model was written)", file=sys.stderr)
         return 130
+    use_adpo_model_card(trainer, model_args, data_args, training_args)  # what push_to_hub publishes, too
     trainer.save_model(training_args.output_dir)
     trainer.save_state()
     if trainer.is_world_process_zero():
         processor.save_pretrained(training_args.output_dir)
+        trainer.create_model_card()  # README.md, after the save (an adapter's save writes a card of its own)
         print(f"adpo: trained {result.global_step} steps, final train loss {result.training_loss:.4f}")
         print(f"adpo: saved {'adapter' if model_args.use_peft else 'model'} and processor to "
               f"{training_args.output_dir}")
