@@ -31,7 +31,7 @@ test-fast: $(BIN)/.installed
 # The lower bounds of pyproject.toml's dependencies, installed together. torch's bound (2.6) needs a CPU build of
 # that version where one is at hand: TORCH_OLDEST=torch==2.6.0; by default the pinned torch is used.
 TORCH_OLDEST ?= $(TORCH_PIN)
-OLDEST_PINS := "transformers==5.5.0" "accelerate==1.6.0" "peft==0.15.0" "datasets==4.7.0" "pillow==10.0.0" \
+OLDEST_PINS := "transformers==5.18.0" "accelerate==1.6.0" "peft==0.15.0" "datasets==4.7.0" "pillow==10.0.0" \
 	"pyyaml==6.0" "pytest>=8" "hypothesis>=6"
 OLDEST_VENV := .venv-oldest
 
