@@ -21,6 +21,11 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
+def runs_on_cpu(use_cpu: bool, bf16: bool = False, fp16: bool = False) -> bool:
+    """The run's effective ``--use_cpu``: asked for, or mixed precision requested on a machine without a GPU."""
+    return use_cpu or ((bf16 or fp16) and not _has_accelerator())
+
+
 @dataclass
 class ModelArguments:
     model_name_or_path: str | None = field(
@@ -232,10 +237,11 @@ class ADPOConfig(TrainingArguments):
                 # The seed's commands pass --bf16; without a GPU they still run, as CPU autocast.
                 logger.warning("no GPU found: --bf16/--fp16 run as mixed precision on the CPU (use_cpu=True)")
                 self.use_cpu = True
-        from .distributed import load_deepspeed_config, prepare_deepspeed_launch
+        from .launch import load_deepspeed_config
 
-        self.deepspeed = load_deepspeed_config(self.deepspeed)  # the seed passes YAML; transformers reads JSON
-        prepare_deepspeed_launch(self)
+        # The seed passes YAML; transformers reads JSON. The process environment a DeepSpeed launch needs is
+        # prepared by adpo.launch.compute_init (called by the CLI), never here.
+        self.deepspeed = load_deepspeed_config(self.deepspeed)
         super().__post_init__()
         if self.beta <= 0:
             raise ValueError(f"--beta must be positive, got {self.beta}.")

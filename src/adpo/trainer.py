@@ -22,7 +22,6 @@ from transformers import PreTrainedModel, Trainer
 
 from .collator import RESPONSE_MASK, ROW_IDS
 from .config import ADPOConfig
-from .distributed import dummy_image_inputs, prepare_reference, vision_tower_every_forward
 from .guard import NonFiniteGuard
 from .logprobs import ResponseLogps, response_logps
 from .losses import adpo_loss, multitask_loss
@@ -37,6 +36,7 @@ from .refcache import (
     log_prob_settings,
     model_fingerprint,
 )
+from .reference import prepare_reference
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,6 @@ class ADPOTrainer(Trainer):
             "train": defaultdict(list), "eval": defaultdict(list)
         }
         self.ref_model = None if ref_model is None else self._prepare_reference(ref_model)
-        self._dummy_images: dict[str, torch.Tensor] | None = None  # built on first use (adpo.distributed)
         self.nonfinite_guard = NonFiniteGuard(lambda: self.model)
         if self.is_deepspeed_enabled:
             logger.warning("DeepSpeed steps inside backward: a non-finite loss or gradient cannot be kept from "
@@ -80,23 +79,14 @@ class ADPOTrainer(Trainer):
             self._precompute_reference()
 
     def _prepare_reference(self, ref_model: PreTrainedModel) -> nn.Module:
-        # DDP: on the device, unwrapped; ZeRO-3 / FSDP: sharded like the policy (adpo.distributed).
+        # DDP: on the device, unwrapped; ZeRO-3 / FSDP: sharded like the policy (adpo.reference).
         return prepare_reference(ref_model, self.accelerator)
 
     # ------------------------------------------------------------------ log-probs
     def _logps(self, model: nn.Module, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> ResponseLogps:
         unwrapped = self.accelerator.unwrap_model(model)
-        with vision_tower_every_forward(unwrapped, inputs, self._image_placeholder()):
-            fused = None if self.args.fused_lm_head else False  # None: wherever it gives the model's log-probs
-            return response_logps(model, unwrapped.get_output_embeddings(), inputs, mask, fused=fused)
-
-    def _image_placeholder(self) -> dict[str, torch.Tensor] | None:
-        """A dummy image's inputs in multi-process multimodal runs (every rank must run the vision tower)."""
-        if self.args.world_size == 1 or not getattr(self.data_collator, "multimodal", False):
-            return None
-        if self._dummy_images is None:
-            self._dummy_images = dummy_image_inputs(self.processing_class)
-        return self._dummy_images
+        fused = None if self.args.fused_lm_head else False  # None: wherever it gives the model's log-probs
+        return response_logps(model, unwrapped.get_output_embeddings(), inputs, mask, fused=fused)
 
     @torch.no_grad()
     def reference_logps(
