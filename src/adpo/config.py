@@ -209,13 +209,15 @@ class ADPOConfig(TrainingArguments):
         metadata={"help": "Folder for --precompute_ref_log_probs caches. Default: $ADPO_CACHE_DIR, else "
                   "$XDG_CACHE_HOME/adpo/ref_logps, else ~/.cache/adpo/ref_logps."},
     )
-    fused_lm_head: bool = field(
-        default=True,
-        metadata={"help": "Score response tokens with adpo's vocabulary-chunked LM head: never holds all tokens × "
-                  "vocabulary logits (backward recomputes them), so step memory does not grow with the vocabulary. "
-                  "Used where the head is a plain Linear and the model returns its output unchanged (checked on "
-                  "the first batch, which the model's own head scores; not e.g. with Gemma-2 logit soft-capping). "
-                  "false: the model's own head at the response positions."},
+    fused_lm_head: str = field(
+        default="auto",
+        metadata={"help": "Which LM head scores the response tokens, decided once before training (one forward "
+                  "without gradients on the first row) and logged. fused: adpo's vocabulary-chunked head, which "
+                  "never holds all tokens × vocabulary logits (backward recomputes them), so step memory does not "
+                  "grow with the vocabulary; an error where it cannot stand in for the model's head. model: the "
+                  "model's own head at the response positions. auto (default): fused where the head is a plain "
+                  "Linear whose output the model returns unchanged (not e.g. with Gemma-2 logit soft-capping), "
+                  "else model. true/false are accepted for fused/model."},
     )
     # Defaults that differ from TrainingArguments'.
     remove_unused_columns: bool = field(
@@ -243,6 +245,9 @@ class ADPOConfig(TrainingArguments):
         # prepared by adpo.launch.compute_init (called by the CLI), never here.
         self.deepspeed = load_deepspeed_config(self.deepspeed)
         super().__post_init__()
+        from .logprobs import head_mode
+
+        self.fused_lm_head = head_mode(self.fused_lm_head)
         if self.beta <= 0:
             raise ValueError(f"--beta must be positive, got {self.beta}.")
         if not 0 <= self.label_smoothing < 0.5:

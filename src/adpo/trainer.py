@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import weakref
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -18,12 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 from torch.profiler import record_function
-from transformers import PreTrainedModel, Trainer
+from transformers import PreTrainedModel, Trainer, TrainerCallback
 
 from .collator import RESPONSE_MASK, ROW_IDS
 from .config import ADPOConfig
 from .guard import NonFiniteGuard
-from .logprobs import ResponseLogps, response_logps
+from .logprobs import HeadChoice, ResponseLogps, choose_lm_head, response_logps
 from .losses import adpo_loss, multitask_loss
 from .refcache import (
     RefLogpsTable,
@@ -65,6 +66,9 @@ class ADPOTrainer(Trainer):
             "train": defaultdict(list), "eval": defaultdict(list)
         }
         self.ref_model = None if ref_model is None else self._prepare_reference(ref_model)
+        # --fused_lm_head: the head that scores each model ("policy", "reference"), chosen before training.
+        self.lm_head: dict[str, HeadChoice] = {}
+        self.add_callback(_ChooseLMHeads(self))
         self.nonfinite_guard = NonFiniteGuard(lambda: self.model)
         if self.is_deepspeed_enabled:
             logger.warning("DeepSpeed steps inside backward: a non-finite loss or gradient cannot be kept from "
@@ -82,11 +86,48 @@ class ADPOTrainer(Trainer):
         # DDP: on the device, unwrapped; ZeRO-3 / FSDP: sharded like the policy (adpo.reference).
         return prepare_reference(ref_model, self.accelerator)
 
+    # ------------------------------------------------------------------ LM head
+    def choose_lm_heads(self, policy: nn.Module | None = None) -> dict[str, HeadChoice]:
+        """Decide, without gradients, which LM head scores the policy and the frozen reference (``--fused_lm_head``),
+        on one probe row of the training (else evaluation) data; store and log each choice once.
+
+        Runs when training begins (after the Trainer wrapped the model), so step 1 already uses the chosen head:
+        with the fused head it never holds ``N × V`` logits. Evaluation or precomputing outside ``train()`` decide
+        on their first batch instead, also in a forward of their own without gradients."""
+        models = {"policy": policy or self.model_wrapped, "reference": self.ref_model}
+        for role, model in models.items():
+            if model is not None and role not in self.lm_head:
+                probe = self._probe_batch()
+                if probe is not None:
+                    self._choose_lm_head(role, model, *probe)
+        return self.lm_head
+
+    def _probe_batch(self) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
+        dataset = self.train_dataset if self.train_dataset is not None else self.eval_dataset
+        if isinstance(dataset, dict):
+            dataset = next(iter(dataset.values()), None)
+        if dataset is None or len(dataset) == 0:
+            return None
+        batch = self._prepare_inputs(self.data_collator([dataset[0]]))
+        batch.pop(ROW_IDS, None)
+        return batch, batch.pop(RESPONSE_MASK)
+
+    def _choose_lm_head(
+        self, role: str, model: nn.Module, inputs: dict[str, torch.Tensor], mask: torch.Tensor
+    ) -> HeadChoice:
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        with self.compute_loss_context_manager():  # the numerics of the steps to come (autocast)
+            choice = choose_lm_head(model, head, inputs, mask, self.args.fused_lm_head)
+        self.lm_head[role] = choice
+        logger.info("LM head of the %s: %s", role, choice.describe())
+        return choice
+
     # ------------------------------------------------------------------ log-probs
     def _logps(self, model: nn.Module, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> ResponseLogps:
-        unwrapped = self.accelerator.unwrap_model(model)
-        fused = None if self.args.fused_lm_head else False  # None: wherever it gives the model's log-probs
-        return response_logps(model, unwrapped.get_output_embeddings(), inputs, mask, fused=fused)
+        role = "reference" if model is self.ref_model else "policy"  # adapters off: the policy's own head
+        choice = self.lm_head.get(role) or self._choose_lm_head(role, model, inputs, mask)
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        return response_logps(model, head, inputs, mask, fused=choice.fused)
 
     @torch.no_grad()
     def reference_logps(
@@ -310,3 +351,15 @@ class ADPOTrainer(Trainer):
 def _split(logps: ResponseLogps, groups: int) -> list[ResponseLogps]:
     """(G·B,) → G × (B,) along dim 0, in batch order."""
     return [ResponseLogps(s, c) for s, c in zip(logps.sums.chunk(groups), logps.counts.chunk(groups), strict=True)]
+
+
+class _ChooseLMHeads(TrainerCallback):
+    """Choose the LM heads when training begins: the model is wrapped (DDP, DeepSpeed, FSDP), no step has run."""
+
+    def __init__(self, trainer: ADPOTrainer) -> None:
+        self.trainer = weakref.ref(trainer)  # no cycle: the trainer (and its models) go when unreachable
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        trainer = self.trainer()
+        if trainer is not None:
+            trainer.choose_lm_heads()

@@ -31,6 +31,8 @@ def build_parser() -> HfArgumentParser:
         # A bare --multimodal_mode means true; leaving it out means "auto" (None).
         if action.dest == "multimodal_mode":
             action.nargs, action.const = "?", True
+        if action.dest == "fused_lm_head":  # a bare --fused_lm_head (once a boolean flag) means fused
+            action.nargs, action.const = "?", "fused"
     return parser
 
 
