@@ -139,7 +139,7 @@ def test_cache_rebuilt_when_data_model_or_settings_change(tiny_idefics3, image_j
                                          precompute_ref_log_probs=True, **kw)
         return trainer.ref_cache_hits, calls[0]
 
-    assert build() == (0, 2)  # 4 rows in batches of 3: two reference forwards
+    assert build() == (0, 3)  # 4 rows in batches of 3: two reference forwards, after the LM-head probe
     assert build() == (1, 0)
     image = Path(json.loads(rows.read_text().splitlines()[0])["chosen_images"][0])
     image = data / image if not image.is_absolute() else image
