@@ -163,7 +163,7 @@ def corpus() -> list[str]:
 def local_tokenizer(specials: list[str], **tokens: Any) -> Any:
     from transformers import PreTrainedTokenizerFast
 
-    from adpo.tiny import train_tokenizer
+    from adpo.testing.tiny import train_tokenizer
 
     return PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(specials, corpus(), vocab_size=1000), **tokens)
 

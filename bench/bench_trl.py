@@ -187,7 +187,7 @@ def run_worker(cli: list[str]) -> dict:
 
 
 def build_model(kind: str, folder: Path, vocab: int | None = None) -> Path:
-    from adpo.tiny import build_tiny_llama
+    from adpo.testing.tiny import build_tiny_llama
 
     spec = dict(MODELS[kind])
     if kind == "big":

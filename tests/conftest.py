@@ -12,7 +12,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from adpo.synthetic import counterfactual_rows, write_jsonl  # noqa: E402
-from adpo.tiny import build_tiny_idefics3, build_tiny_llama  # noqa: E402
+from adpo.testing.tiny import build_tiny_idefics3, build_tiny_llama  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

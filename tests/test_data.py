@@ -102,3 +102,27 @@ def test_row_level_text_errors_name_row_and_field(tiny_llama):
         collator([{"response": "  ", "chosen": "a", "rejected": "b", ROW_ID: 4}])
     with pytest.raises(ADPODataError, match="row 2, field 'rejected': must be a string, got int"):
         collator([{"response": "r", "chosen": "a", "rejected": 3, ROW_ID: 2}])
+
+
+def test_every_image_column_reaches_our_loader_undecoded(monkeypatch, tiny_idefics3):
+    """prompt_images (the multitask pair's) go through adpo's loader like chosen/rejected_images: a decompression
+    bomb there is a counted, named skip, and --max_image_size shrinks it (datasets would decode it with PIL's own
+    check, which raises a bare DecompressionBombError, or only warns below twice the limit)."""
+    from transformers import AutoProcessor
+
+    from adpo.validate import validate_dataset
+
+    big = PILImage.new("RGB", (100, 50), (0, 128, 0))  # 5000 px: over twice the limit set below
+    rows = [{**ROW, "chosen_images": [draw_shape("circle", "red")], "rejected_images": [draw_shape("circle", "green")],
+             "prompt": "What is it?", "prompt_images": [image], "chosen_response": "A circle.",
+             "rejected_response": "A square."} for image in (big, draw_shape("circle", "red"))]
+    dataset = Dataset.from_list(rows)
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 2000)  # draw_shape: 32 x 32
+    processor = AutoProcessor.from_pretrained(tiny_idefics3)
+    strict = ADPOCollator(processor, multimodal=True, multitask=True)
+    kept, report = validate_dataset(dataset, strict, on_bad_rows="skip")
+    assert report.skipped == {"prompt_images: image too large": [0]} and len(kept) == 1
+    shrinking = ADPOCollator(processor, multimodal=True, multitask=True, max_image_size=32)
+    kept, report = validate_dataset(dataset, shrinking)
+    assert report.kept == 2 and set(kept[0]["prompt_images"][0]) == {"bytes", "path"}
+    assert shrinking([kept[0], kept[1]])["input_ids"].shape[0] == 8  # 4 sides per row

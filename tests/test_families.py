@@ -35,7 +35,7 @@ from adpo.modeling import (
 )
 from adpo.pipeline import build_trainer
 from adpo.synthetic import draw_shape, write_jsonl
-from adpo.tiny import FAMILIES, build_tiny
+from adpo.testing.tiny import FAMILIES, build_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 

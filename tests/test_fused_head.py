@@ -143,7 +143,7 @@ def _text_batch(tok) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
 def test_nothing_of_size_tokens_by_vocabulary_is_kept_for_backward(tmp_path) -> None:
     """With the fused head no tensor kept for backward has N × V elements (N response tokens, V = 16k vocabulary);
     the model's own head keeps some. The check itself is shown to catch them."""
-    from adpo.tiny import build_tiny_llama
+    from adpo.testing.tiny import build_tiny_llama
 
     path = build_tiny_llama(tmp_path / "vocab16k", model_vocab_size=16384)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).train()
@@ -188,7 +188,7 @@ def test_first_step_with_a_frozen_reference_holds_no_tokens_by_vocabulary_logits
     N × V elements is kept for backward. With ``model`` every step keeps them: the check can fail."""
     from datasets import Dataset
 
-    from adpo.tiny import build_tiny_llama
+    from adpo.testing.tiny import build_tiny_llama
 
     path = build_tiny_llama(tmp_path / "vocab16k", model_vocab_size=16384)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

@@ -97,7 +97,7 @@ def test_text_model_logps_equal_plain_forward(tiny_llama):
 
 
 def test_text_model_without_chat_template_appends_eos(tmp_path):
-    from adpo.tiny import build_tiny_llama
+    from adpo.testing.tiny import build_tiny_llama
 
     path = build_tiny_llama(tmp_path / "plain", chat_template=False)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

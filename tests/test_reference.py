@@ -28,7 +28,7 @@ from adpo.refcache import (
     model_fingerprint,
     shard_indices,
 )
-from adpo.tiny import build_tiny_llama
+from adpo.testing.tiny import build_tiny_llama
 from adpo.trainer import ADPOTrainer
 
 

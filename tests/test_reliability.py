@@ -37,9 +37,10 @@ from adpo.config import ADPOConfig
 from adpo.data import ROW_ID, ADPODataError, load_adpo_dataset
 from adpo.images import ImageLoadError, grow_to_min_side, load_image, min_image_side
 from adpo.logprobs import response_logps
+from adpo.output_dir import check_output_dir
 from adpo.synthetic import draw_shape
 from adpo.trainer import ADPOTrainer
-from adpo.validate import check_output_dir, check_row, reason, validate_dataset
+from adpo.validate import check_row, reason, validate_dataset
 
 MISSING = object()  # a field left out of the row
 

@@ -219,6 +219,13 @@ class ADPOConfig(TrainingArguments):
                   "Linear whose output the model returns unchanged (not e.g. with Gemma-2 logit soft-capping), "
                   "else model. true/false are accepted for fused/model."},
     )
+    padding_free: bool | None = field(
+        default=None,
+        metadata={"help": "Padding-free batches: the step's sequences packed into one row of their tokens, each with "
+                  "its own positions, attention within each sequence only (so no compute on padding). Unset "
+                  "(auto): wherever the model family allows (not Mllama, PaliGemma, Gemma 3: logged once, then "
+                  "padded batches); true: an error where it cannot; false: padded batches."},
+    )
     # Defaults that differ from TrainingArguments'.
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the collator needs the raw rows (text and images)."}

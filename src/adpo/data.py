@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TEXT_FIELDS = ("response", "chosen", "rejected")
-IMAGE_FIELDS = ("chosen_images", "rejected_images")
+IMAGE_FIELDS = ("chosen_images", "rejected_images")  # the ADPO pair's images
+MULTITASK_FIELDS = ("prompt", "chosen_response", "rejected_response")  # + optional prompt_images
+MULTITASK_IMAGE_FIELDS = ("prompt_images",)  # the standard DPO pair's (``--multitask_weight``)
+ALL_IMAGE_FIELDS = (*IMAGE_FIELDS, *MULTITASK_IMAGE_FIELDS)  # every column whose values are images
 ROW_ID = "_adpo_row"  # original row index, carried through shuffling so errors can name the row
 
 _LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -77,8 +81,7 @@ def _absolute_image_paths(dataset: Dataset, root: str) -> Dataset:
 
     Only columns that store paths (strings, or lists of strings) are touched; encoded images pass through.
     """
-    fields = [f for f in (*IMAGE_FIELDS, "prompt_images")  # prompt_images: the multitask DPO pair's
-              if f in dataset.column_names and _stores_paths(dataset.features[f])]
+    fields = [f for f in ALL_IMAGE_FIELDS if f in dataset.column_names and _stores_paths(dataset.features[f])]
 
     def resolve(row: dict[str, Any], idx: int) -> dict[str, Any]:
         return {
@@ -113,9 +116,6 @@ def check_columns(dataset: Dataset, name: str) -> None:
             f"{name} has no column {missing[0]!r} (columns: {dataset.column_names}); an ADPO row needs "
             "response, chosen, rejected and, for images, chosen_images and rejected_images.",
         )
-
-
-MULTITASK_FIELDS = ("prompt", "chosen_response", "rejected_response")  # + optional prompt_images
 
 
 def check_multitask_columns(dataset: Dataset, name: str) -> None:
@@ -166,3 +166,36 @@ def row_images(row: dict[str, Any], field: str, row_id: int | None) -> list[Any]
     if isinstance(value, dict) or not isinstance(value, (list, tuple)):
         raise ADPODataError(row_id, field, f"must be a list of images, got {type(value).__name__}")
     return list(value)
+
+
+def iter_rows(dataset: Any, batch_size: int = 64, decode: bool = True) -> Iterator[dict[str, Any]]:
+    """A dataset's rows one by one, as dicts, read in batches (much faster than indexing row by row).
+
+    ``dataset`` is a ``datasets.Dataset`` or anything indexable with a length (a list of rows, a torch
+    ``Subset``). ``decode=False`` gives a ``Dataset``'s stored values: images stay ``{"bytes", "path"}`` dicts or
+    paths, whatever the features say.
+    """
+    if not hasattr(dataset, "with_format"):
+        for index in range(len(dataset)):
+            yield dataset[index]
+        return
+    if not decode:
+        for table in dataset.with_format("arrow").iter(batch_size=batch_size):
+            yield from table.to_pylist()
+        return
+    for batch in dataset.iter(batch_size=batch_size):
+        columns = list(batch)
+        for values in zip(*(batch[c] for c in columns), strict=True):
+            yield dict(zip(columns, values, strict=True))
+
+
+def iter_batches(dataset: Any, batch_size: int, decode: bool = True) -> Iterator[list[dict[str, Any]]]:
+    """The rows of :func:`iter_rows`, ``batch_size`` at a time (the last batch may be shorter)."""
+    batch: list[dict[str, Any]] = []
+    for row in iter_rows(dataset, batch_size, decode):
+        batch.append(row)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -21,7 +21,6 @@ import csv
 import json
 import logging
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .collator import RESPONSE_MASK, ROW_IDS, ADPOCollator
 from .config import ModelArguments
-from .data import ROW_ID, load_adpo_dataset
+from .data import ROW_ID, iter_batches, load_adpo_dataset
 from .logprobs import response_logps
 
 logger = logging.getLogger(__name__)
@@ -145,13 +144,6 @@ def _processor_from(path: str) -> Any | None:
 
 
 # ---------------------------------------------------------------------------------------------------- scoring
-def batches(dataset: Any, batch_size: int) -> Iterator[list[dict[str, Any]]]:
-    """The dataset's rows, ``batch_size`` at a time (images decoded by the dataset's features)."""
-    for start in range(0, len(dataset), batch_size):
-        chunk = dataset[start : start + batch_size]
-        yield [dict(zip(chunk, values, strict=True)) for values in zip(*chunk.values(), strict=True)]
-
-
 @torch.no_grad()
 def pair_logps(
     model: nn.Module, collator: ADPOCollator, rows: list[dict[str, Any]], device: torch.device
@@ -201,7 +193,7 @@ def score_rows(
     text_collator = ADPOCollator(loaded.processor, multimodal=False) if multimodal and image_ablation else None
     records: list[dict[str, Any]] = []
     progress = tqdm(total=len(dataset), desc=desc, unit="pair")
-    for rows in batches(dataset, batch_size):
+    for rows in iter_batches(dataset, batch_size):
         chosen, rejected = pair_logps(loaded.model, collator, rows, device)
         ref = reference_pair_logps(loaded, collator, rows, device)
         blind = pair_logps(loaded.model, text_collator, rows, device) if text_collator else None

@@ -309,6 +309,7 @@ def choose_lm_head(
 def response_logps(
     model: nn.Module, head: nn.Module, inputs: dict[str, torch.Tensor], response_mask: torch.Tensor,
     fused: bool | None = None, vocab_chunk: int = VOCAB_CHUNK,
+    sequence_ids: torch.Tensor | None = None, num_sequences: int = 0,
 ) -> ResponseLogps:
     """Run ``model`` once on ``inputs`` and sum the log-probs of the tokens marked by ``response_mask``.
 
@@ -321,8 +322,10 @@ def response_logps(
             the response positions. Decide it once with :func:`choose_lm_head` (the trainer does, at its start).
             None: decide for this call (``choose_lm_head`` in ``auto`` mode: one more forward, without gradients).
         vocab_chunk: vocabulary entries per block of the fused head.
+        sequence_ids, num_sequences: for a packed batch (:mod:`adpo.packing`, one row (1, T)): (T,) the
+            sequence of each token, and how many sequences there are; sums and counts then come per sequence.
     Returns:
-        (R,) sums and token counts.
+        (R,) sums and token counts (per sequence for a packed batch).
     """
     if fused is None:
         fused = choose_lm_head(model, head, inputs, response_mask).fused
@@ -342,10 +345,16 @@ def response_logps(
         with lm_head_only_at(head, predictors):
             logits = model(**inputs, use_cache=False).logits  # (N, V)
         per_token = token_logps(logits, targets)
-    return _sums(per_token, response_mask)
+    return _sums(per_token, response_mask, sequence_ids, num_sequences)
 
 
-def _sums(per_token: torch.Tensor, response_mask: torch.Tensor) -> ResponseLogps:
+def _sums(per_token: torch.Tensor, response_mask: torch.Tensor, sequence_ids: torch.Tensor | None = None,
+          num_sequences: int = 0) -> ResponseLogps:
+    """Per-row sums and counts; for a packed (1, T) batch, per sequence of ``sequence_ids`` (T,)."""
+    if sequence_ids is not None:
+        rows = sequence_ids[response_mask[0]]
+        sums = torch.zeros(num_sequences, dtype=torch.float32, device=per_token.device).index_add(0, rows, per_token)
+        return ResponseLogps(sums=sums, counts=torch.bincount(rows, minlength=num_sequences))
     rows = response_mask.nonzero()[:, 0]
     sums = torch.zeros(response_mask.shape[0], dtype=torch.float32, device=per_token.device)
     sums = sums.index_add(0, rows, per_token)

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 # Component names users write → where each family keeps that component (module paths relative to the model).
 # The first path that exists in a model wins, so the table is keyed on the model's structure, not its name.
 # A component never includes another component nested inside it (Qwen's merger sits inside model.visual).
-# Verified on transformers 5.24 for every family in adpo.tiny.FAMILIES (tests/test_families.py).
+# Verified on transformers 5.24 for every family in adpo.testing.tiny.FAMILIES (tests/test_families.py).
 COMPONENTS: dict[str, tuple[str, ...]] = {
     "vision_tower": (
         "model.vision_model",  # Idefics3 / SmolVLM, Mllama

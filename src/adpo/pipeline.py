@@ -9,10 +9,11 @@ from datasets import Dataset
 
 from .collator import ADPOCollator
 from .config import ADPOConfig, DataArguments, ModelArguments
-from .data import check_multitask_columns, has_images, load_adpo_dataset
+from .data import IMAGE_FIELDS, check_multitask_columns, has_images, load_adpo_dataset
 from .modeling import apply_lora, freeze_components, load_model_and_processor, load_reference
+from .output_dir import check_output_dir
 from .trainer import ADPOTrainer
-from .validate import check_output_dir, validate_splits
+from .validate import validate_splits
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def add_length_column(dataset: Dataset, collator: ADPOCollator, column: str) -> 
             texts = [t if isinstance(t, str) else "" for t in batch[field]]
             for i, ids in enumerate(tokenizer(texts, add_special_tokens=False)["input_ids"]):
                 out[i] += len(ids) * (2 if field == "response" else 1)
-        for field in ("chosen_images", "rejected_images"):
+        for field in IMAGE_FIELDS:
             for i, images in enumerate(batch.get(field) or []):
                 out[i] += tokens_per_image * len(images or [])
         return {column: out}

@@ -2,7 +2,7 @@
 
 Qwen2-VL / Qwen2.5-VL processors (and others that take videos) build a video processor that needs torchvision;
 on machines without it ``AutoProcessor.from_pretrained`` fails although ADPO only ever feeds images, and so does a
-folder saved without a video processor (adpo.tiny's Qwen models). There we load the same processor class without
+folder saved without a video processor (adpo.testing.tiny's Qwen models). There we load the same processor class without
 its video processor: images and text are processed exactly as before.
 """
 
@@ -35,7 +35,7 @@ def image_only_processor_class(cls: type[ProcessorMixin]) -> type[ProcessorMixin
 
 def load_processor(name_or_path: str, trust_remote_code: bool = False) -> Any:
     """``AutoProcessor.from_pretrained``, falling back to an image-only processor when the video processor cannot be
-    built (no torchvision, or a folder saved without one, like adpo.tiny's Qwen models)."""
+    built (no torchvision, or a folder saved without one, like adpo.testing.tiny's Qwen models)."""
     try:
         return AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ImportError, ValueError) as err:

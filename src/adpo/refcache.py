@@ -26,7 +26,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Sized
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,13 +37,12 @@ import transformers
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from .data import IMAGE_FIELDS, ROW_ID
+from .data import ALL_IMAGE_FIELDS, ROW_ID, iter_rows
 from .logprobs import ResponseLogps
 
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 1  # bump when the table layout or the log-prob computation changes
-IMAGE_KEYS = (*IMAGE_FIELDS, "prompt_images")  # fields whose strings are image paths: their bytes are hashed
 
 
 def default_cache_dir() -> Path:
@@ -119,7 +118,7 @@ def _feed(h: Any, value: Any, image: bool = False) -> None:
         h.update(b"{")
         for key in sorted(value):
             h.update(f"{key}:".encode())
-            _feed(h, value[key], image or key in IMAGE_KEYS)
+            _feed(h, value[key], image or key in ALL_IMAGE_FIELDS)
         h.update(b"}")
     elif isinstance(value, (list, tuple)):
         h.update(f"[{len(value)}".encode())
@@ -141,21 +140,10 @@ def _feed(h: Any, value: Any, image: bool = False) -> None:
         h.update(f"{type(value).__name__}:{value!r}".encode())
 
 
-def _raw_rows(dataset: Any, batch_size: int = 512) -> Iterable[dict[str, Any]]:
-    """Rows without image decoding: arrow rows for ``datasets.Dataset`` (images stay bytes/paths)."""
-    if hasattr(dataset, "with_format"):
-        arrow = dataset.with_format("arrow")
-        for start in range(0, len(arrow), batch_size):
-            yield from arrow[start : start + batch_size].to_pylist()
-    else:
-        for i in range(len(dataset)):
-            yield dataset[i]
-
-
 def dataset_fingerprint(dataset: Any) -> str:
     """A hash of every row's content, in order, image bytes included."""
     h = hashlib.sha256()
-    for row in _raw_rows(dataset):
+    for row in iter_rows(dataset, batch_size=512, decode=False):  # images as stored: bytes or paths
         _feed(h, row)
     return h.hexdigest()
 

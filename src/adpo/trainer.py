@@ -26,6 +26,7 @@ from .config import ADPOConfig
 from .guard import NonFiniteGuard
 from .logprobs import HeadChoice, ResponseLogps, choose_lm_head, response_logps
 from .losses import adpo_loss, multitask_loss
+from .packing import packed_forward, padding_free_decision
 from .refcache import (
     RefLogpsTable,
     cache_key,
@@ -126,7 +127,12 @@ class ADPOTrainer(Trainer):
     def _logps(self, model: nn.Module, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> ResponseLogps:
         role = "reference" if model is self.ref_model else "policy"  # adapters off: the policy's own head
         choice = self.lm_head.get(role) or self._choose_lm_head(role, model, inputs, mask)
-        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        unwrapped = self.accelerator.unwrap_model(model)
+        head = unwrapped.get_output_embeddings()
+        if padding_free_decision(unwrapped, inputs, self.args.padding_free):
+            with packed_forward(unwrapped, inputs, mask) as packed:  # adpo.packing
+                return response_logps(model, head, packed.inputs, packed.response_mask, fused=choice.fused,
+                                      sequence_ids=packed.sequence_ids, num_sequences=mask.shape[0])
         return response_logps(model, head, inputs, mask, fused=choice.fused)
 
     @torch.no_grad()

@@ -14,24 +14,18 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset, Image, IterableDataset, List, Sequence
 
 from .collator import ADPOCollator, EncodedSide
-from .data import IMAGE_FIELDS, ROW_ID, ADPODataError
+from .data import ALL_IMAGE_FIELDS, ROW_ID, ADPODataError, iter_rows
 
 logger = logging.getLogger(__name__)
 
 ON_BAD_ROWS = ("error", "skip")
-FINISHED_MODEL_FILES = (
-    "config.json", "adapter_config.json", "model.safetensors", "model.safetensors.index.json",
-    "adapter_model.safetensors", "pytorch_model.bin",
-)
 _EXAMPLE_ROWS = 8  # row ids listed per reason in the summary
 
 
@@ -77,6 +71,9 @@ def check_row(
     row_id = row.get(ROW_ID)
     chosen = collator.encode_side(row, "chosen")
     rejected = collator.encode_side(row, "rejected")
+    if collator.multitask:  # the row's standard DPO pair is trained on too: its fields and prompt_images
+        collator.encode_dpo_side(row, "chosen")
+        collator.encode_dpo_side(row, "rejected")
     if chosen.response_ids != rejected.response_ids:
         raise ADPODataError(row_id, "response", "tokenises differently after the chosen and the rejected prompt")
     n_response = len(chosen.response_ids)
@@ -148,7 +145,7 @@ def validate_dataset(
     dataset = dataset.select(range(len(dataset)))
     _stop_decoding_images(dataset)
     start, kept = time.perf_counter(), []
-    for index, row in enumerate(_rows(dataset)):
+    for index, row in enumerate(iter_rows(dataset)):
         if _checked(row, collator, on_bad_rows, limits, report) is None:
             kept.append(index)
     report.kept = len(kept)
@@ -177,19 +174,11 @@ def _checked(
     return None
 
 
-def _rows(dataset: Dataset, batch_size: int = 64) -> Iterator[dict[str, Any]]:
-    """The rows one by one, read in batches (much faster than indexing row by row)."""
-    for batch in dataset.iter(batch_size=batch_size):
-        columns = list(batch)
-        for values in zip(*(batch[c] for c in columns), strict=True):
-            yield dict(zip(columns, values, strict=True))
-
-
 def _stop_decoding_images(dataset: Dataset) -> None:
     """Hand stored image bytes to the collator instead of PIL images that datasets decoded (which skips our bomb
     check, draft-mode shrinking and error messages). ``dataset`` must be a fresh copy: its info is changed."""
     features = dataset.info.features
-    for name in IMAGE_FIELDS:
+    for name in ALL_IMAGE_FIELDS:
         feature = features.get(name) if features else None
         if isinstance(feature, Image):
             features[name] = Image(decode=False)
@@ -215,16 +204,6 @@ def _validate_stream(
         return True
 
     return dataset.filter(keep, with_indices=True), report
-
-
-def check_output_dir(output_dir: str | None, overwrite: bool) -> None:
-    """Refuse to train into a folder that already holds a finished model, unless overwriting was asked for."""
-    if not output_dir or overwrite:
-        return
-    found = [name for name in FINISHED_MODEL_FILES if (Path(output_dir) / name).exists()]
-    if found:
-        raise ValueError(f"--output_dir {output_dir} already holds a trained model ({', '.join(found)}); training "
-                         "would overwrite it. Choose another --output_dir, or pass --overwrite_output_dir.")
 
 
 def validate_splits(

@@ -17,7 +17,7 @@ mkdir -p "$OUT"
 python3 - "$W" <<'EOF'
 import sys
 from adpo.synthetic import counterfactual_rows, write_jsonl
-from adpo.tiny import build_tiny_idefics3
+from adpo.testing.tiny import build_tiny_idefics3
 build_tiny_idefics3(f"{sys.argv[1]}/model")
 write_jsonl(counterfactual_rows(16, seed=1), f"{sys.argv[1]}/rows")
 EOF

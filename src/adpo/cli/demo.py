@@ -170,7 +170,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from ..plots import plot_evaluation, plot_training
     from ..synthetic import corpus
-    from ..tiny import build_tiny_idefics3
+    from ..testing.tiny import build_tiny_idefics3
 
     TIMINGS.clear()
     start = time.perf_counter()

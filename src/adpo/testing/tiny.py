@@ -416,7 +416,7 @@ def _build_tiny_qwen_vl(
 ) -> Path:
     from transformers import Qwen2VLImageProcessorPil
 
-    from .processing import image_only_processor_class
+    from adpo.processing import image_only_processor_class
 
     if version == "2":
         from transformers import Qwen2VLConfig as Config

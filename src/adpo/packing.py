@@ -1,0 +1,226 @@
+"""Padding-free batches: the step's sequences packed into one row, attention never crossing sequences.
+
+The collator pads the ``R`` sequences of a batch (``[chosen; rejected]``, ``R = 2B``, or ``4B`` with
+``--multitask_weight``) to the longest. With mixed image sizes (LLaVA-NeXT's any-resolution tiles, Qwen-VL's dynamic
+resolution) token counts vary widely and a large share of the padded batch is padding, which every Linear layer of
+the language model still computes. :func:`packed_forward` removes it right before the model call: the non-pad
+tokens of all rows are concatenated into one row ``(1, T)``, ``T = Σ n_i``, each sequence with its own position ids
+(``0 .. n_i − 1``; Qwen2-VL / Qwen2.5-VL: the model's own 3-D rotary positions of the padded rows, plus the text
+positions that mark where sequences start), and the per-image tensors are left as they are (the images keep their
+order, since the sequences do).
+
+Attention within sequences only:
+
+- ``sdpa`` / ``eager`` (what a CPU has): the language model's attention runs once per sequence on its slice of the
+  packed row (the model's own kernel, ``is_causal``), so attention costs ``Σ n_i²``, never the ``T²`` of one long
+  row. Models with a non-causal part (Gemma 3's bidirectional attention inside an image, sliding windows) get
+  transformers' block-diagonal mask built from the packed position ids, and each sequence its diagonal block.
+- ``flash_attention_*`` / ``flex_attention``: transformers' own packed-sequence support (varlen kernels from the
+  position ids), untouched.
+
+Families whose inputs are laid out per row in a way a packed row cannot express fall back to the padded batch,
+once, with a log line (:func:`packing_blocker`): Mllama (its cross-attention mask is per row and per image),
+PaliGemma (its prefix attention is built from the padded rows' token types) and Gemma 3 (transformers 5.24 builds
+its packed sliding-window mask with the image blocks looked up at in-sequence positions). ``response_mask`` packs
+with the tokens; ``sequence_ids`` (T,) gives each packed token's row, so log-probs are summed per sequence as before.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+from transformers.modeling_utils import AttentionInterface
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+logger = logging.getLogger(__name__)
+
+# Inputs laid out along the token sequence (rows, seq, ...) that pack with the tokens.
+PACKABLE_SEQUENCE_KEYS = ("token_type_ids", "mm_token_type_ids")
+# Model families (config.model_type) whose inputs a packed row cannot express, and why.
+UNPACKABLE = {
+    "mllama": "its cross-attention mask is laid out per row and per image",
+    "paligemma": "its bidirectional prefix is built from the padded rows' token types",
+    "gemma3": "transformers' packed mask looks its bidirectional image blocks up by in-sequence position in the "
+              "sliding-window layers, which is wrong for every sequence after the first",
+}
+# Attention implementations that pack natively in transformers (varlen from packed position ids).
+NATIVE = ("flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention")
+
+# Boundaries [0, n_0, n_0 + n_1, ..., T] of the sequences in the packed row now being run (python ints: no syncs).
+_BOUNDS: ContextVar[tuple[int, ...] | None] = ContextVar("adpo_packed_bounds", default=None)
+
+
+def _per_sequence(kernel: Any) -> Any:
+    """An attention function that runs ``kernel`` once per sequence of the packed row (query (1, H, T, D))."""
+
+    def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        bounds = _BOUNDS.get()
+        if bounds is None or query.shape[0] != 1 or query.shape[2] != bounds[-1]:
+            raise RuntimeError("adpo's packed attention ran outside a packed forward (or on a row of another "
+                               "length); it is set only for the duration of adpo.packing.packed_forward.")
+        outs = []
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+            mask = None if attention_mask is None else attention_mask[..., start:end, start:end]
+            out, _ = kernel(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], mask,
+                            **kwargs)
+            outs.append(out)  # (1, n, H, D)
+        return torch.cat(outs, dim=1), None
+
+    return attention
+
+
+# name → (kernel, mask builder or None). Without a mask builder transformers builds no mask (causal per sequence).
+_KERNELS = {
+    "adpo_packed_sdpa": (sdpa_attention_forward, None),
+    "adpo_packed_sdpa_masked": (sdpa_attention_forward, sdpa_mask),
+    "adpo_packed_eager_masked": (eager_attention_forward, eager_mask),
+}
+for _name, (_kernel, _mask) in _KERNELS.items():
+    AttentionInterface.register(_name, _per_sequence(_kernel))
+    if _mask is not None:
+        AttentionMaskInterface.register(_name, _mask)
+
+
+@dataclass
+class PackedBatch:
+    inputs: dict[str, torch.Tensor]  # model inputs, input_ids (1, T), position_ids (1, T) or (4, 1, T)
+    response_mask: torch.Tensor  # (1, T) bool
+    sequence_ids: torch.Tensor  # (T,) long: the padded row each packed token came from
+    bounds: tuple[int, ...]  # (R + 1,) sequence boundaries in the packed row
+
+
+def _base(model: nn.Module) -> nn.Module:
+    """The ``PreTrainedModel`` under PEFT wrappers (DDP/DeepSpeed are unwrapped by the caller)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def packing_blocker(model: nn.Module, inputs: dict[str, torch.Tensor]) -> str | None:
+    """Why the batch ``inputs`` cannot be packed for ``model``, or None if it can."""
+    config = _base(model).config
+    model_type = getattr(config, "model_type", "")
+    if model_type in UNPACKABLE:
+        return f"{model_type}: {UNPACKABLE[model_type]}"
+    if "cross_attention_mask" in inputs:
+        return "the batch has a per-row cross-attention mask"
+    if not getattr(_base(model), "_supports_attention_backend", False):
+        return f"{type(_base(model)).__name__} does not take transformers' attention backends"
+    if "attention_mask" not in inputs:
+        return "the batch has no attention mask to find its padding in"
+    if inputs["attention_mask"].dim() != 2:
+        return "the batch's attention mask is not a (rows, seq) padding mask"
+    implementation = config.get_text_config()._attn_implementation
+    if implementation not in (*NATIVE, "sdpa", "eager"):
+        return f"attention implementation {implementation!r} has no packed form"
+    return None
+
+
+def pack(inputs: dict[str, torch.Tensor], response_mask: torch.Tensor,
+         rope_positions: torch.Tensor | None = None) -> PackedBatch:
+    """Pack right-padded rows (R, L) into one row (1, T) of their non-pad tokens, in row order.
+
+    ``rope_positions``: (3, R, L) rotary positions of the padded rows (Qwen2-VL's ``get_rope_index``); packed they
+    become (4, 1, T) with the per-sequence text positions first, the layout transformers takes for packed
+    multimodal rotary positions.
+    """
+    keep = inputs["attention_mask"].bool()  # (R, L)
+    lengths = keep.sum(1)
+    packed = {key: value for key, value in inputs.items() if key != "attention_mask"}
+    packed["input_ids"] = inputs["input_ids"][keep][None]
+    for key in PACKABLE_SEQUENCE_KEYS:
+        if key in inputs:
+            packed[key] = inputs[key][keep][None]
+    positions = (keep.long().cumsum(1) - 1)[keep][None]  # (1, T): 0 .. n_i - 1 per sequence
+    if rope_positions is not None:
+        positions = torch.cat([positions[None], rope_positions[:, keep][:, None]], dim=0)  # (4, 1, T)
+    packed["position_ids"] = positions
+    counts = lengths.tolist()
+    bounds = (0, *torch.tensor(counts).cumsum(0).tolist())
+    sequence_ids = torch.repeat_interleave(torch.arange(len(counts), device=keep.device), lengths)
+    return PackedBatch(packed, response_mask[keep][None], sequence_ids, tuple(bounds))
+
+
+def _rope_positions(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """(3, R, L) multimodal rotary positions of the padded rows, for models that compute them (Qwen-VL)."""
+    owner = next((m for m in _base(model).modules() if hasattr(type(m), "get_rope_index")), None)
+    if owner is None:
+        return None
+    accepted = inspect.signature(owner.get_rope_index).parameters
+    kwargs = {k: v for k, v in inputs.items() if k in accepted}
+    if "mm_token_type_ids" in accepted and "mm_token_type_ids" not in kwargs:
+        kwargs["mm_token_type_ids"] = torch.zeros_like(inputs["input_ids"])  # text only
+    positions, _ = owner.get_rope_index(**kwargs)
+    return positions
+
+
+def _needs_mask(config: Any) -> bool:
+    """Whether the language model's attention is more than causal: sliding windows, Gemma 3's bidirectional image
+    attention."""
+    text = config.get_text_config()
+    if getattr(text, "sliding_window", None) or "sliding_attention" in (getattr(text, "layer_types", None) or ()):
+        return True
+    return getattr(config, "model_type", "") == "gemma3" or getattr(text, "use_bidirectional_attention", False)
+
+
+@contextmanager
+def packed_attention(model: nn.Module, bounds: tuple[int, ...]) -> Iterator[None]:
+    """For the duration, the language model's attention runs per sequence of a packed row with ``bounds``."""
+    text = _base(model).config.get_text_config()
+    implementation = text._attn_implementation
+    if implementation in NATIVE:
+        yield
+        return
+    if implementation == "eager":
+        name = "adpo_packed_eager_masked"
+    else:
+        name = "adpo_packed_sdpa_masked" if _needs_mask(_base(model).config) else "adpo_packed_sdpa"
+    token = _BOUNDS.set(bounds)
+    text._attn_implementation = name
+    try:
+        yield
+    finally:
+        text._attn_implementation = implementation
+        _BOUNDS.reset(token)
+
+
+_logged: set[str] = set()
+
+
+def padding_free_decision(model: nn.Module, inputs: dict[str, torch.Tensor], requested: bool | None) -> bool:
+    """Whether to pack this batch: ``requested`` None (auto) packs where possible, logging a fallback once; True
+    raises where packing is impossible; False never packs."""
+    if requested is False:
+        return False
+    reason = packing_blocker(model, inputs)
+    if reason is None:
+        return True
+    if requested:
+        raise ValueError(f"--padding_free true: this batch cannot be packed: {reason} (use --padding_free auto or "
+                         "false).")
+    if reason not in _logged:
+        _logged.add(reason)
+        logger.warning("padding-free batches off, padding each batch to its longest row: %s.", reason)
+    return False
+
+
+@contextmanager
+def packed_forward(
+    model: nn.Module, inputs: dict[str, torch.Tensor], response_mask: torch.Tensor
+) -> Iterator[PackedBatch]:
+    """Pack ``inputs`` (padded rows) and, within the block, make the model's attention respect the packing.
+
+    ``model``: the unwrapped model (PEFT allowed). Yields the :class:`PackedBatch` to call the model with."""
+    batch = pack(inputs, response_mask, _rope_positions(model, inputs))
+    with packed_attention(model, batch.bounds):
+        yield batch
