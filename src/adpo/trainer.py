@@ -126,13 +126,15 @@ class ADPOTrainer(Trainer):
     # ------------------------------------------------------------------ log-probs
     def _logps(self, model: nn.Module, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> ResponseLogps:
         role = "reference" if model is self.ref_model else "policy"  # adapters off: the policy's own head
-        choice = self.lm_head.get(role) or self._choose_lm_head(role, model, inputs, mask)
         unwrapped = self.accelerator.unwrap_model(model)
         head = unwrapped.get_output_embeddings()
         if padding_free_decision(unwrapped, inputs, self.args.padding_free):
             with packed_forward(unwrapped, inputs, mask) as packed:  # adpo.packing
+                choice = self.lm_head.get(role) or self._choose_lm_head(role, model, packed.inputs,
+                                                                         packed.response_mask)
                 return response_logps(model, head, packed.inputs, packed.response_mask, fused=choice.fused,
                                       sequence_ids=packed.sequence_ids, num_sequences=mask.shape[0])
+        choice = self.lm_head.get(role) or self._choose_lm_head(role, model, inputs, mask)
         return response_logps(model, head, inputs, mask, fused=choice.fused)
 
     @torch.no_grad()
