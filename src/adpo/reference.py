@@ -1,4 +1,13 @@
-"""The reference: where ``log π_ref(y|x)`` comes from, and where a frozen reference model is placed.
+"""The reference: where ``log π_ref(y|x)`` comes from, behind one interface, and where a frozen reference model
+is placed.
+
+One of (``reference.logps(policy, inputs, mask, score)`` for each):
+
+- :class:`LiveReference` with a model: a frozen copy of the initial model (or ``--ref_model_name_or_path``);
+- :class:`LiveReference` without one: the PEFT policy with its adapters disabled;
+- :class:`PrecomputedReference` (``--precompute_ref_log_probs``): computed once per dataset with a live reference,
+  cached on disk (:mod:`adpo.refcache`) and joined to the dataset as columns that the collator passes on;
+- none with ``--reference_free``.
 
 Placement (:func:`prepare_reference`): the policy is wrapped by ``transformers.Trainer`` (accelerate); the frozen
 reference is a second model the Trainer does not know about, placed here for DDP, DeepSpeed ZeRO and FSDP.
@@ -8,9 +17,15 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
+
+from .collator import REF_COUNTS, REF_COUNTS_COLUMN, REF_LOGPS, REF_LOGPS_COLUMN
+from .logprobs import ResponseLogps
+from .refcache import ReferenceCache, RefLogpsTable
 
 logger = logging.getLogger(__name__)
 
@@ -104,3 +119,111 @@ def _prepare_fsdp_reference(ref_model: nn.Module, accelerator: Any) -> nn.Module
     return model
 
 
+
+
+# ---------------------------------------------------------------------------------------------- the reference
+Score = Callable[[nn.Module, dict[str, torch.Tensor], torch.Tensor], ResponseLogps]
+
+
+class LiveReference:
+    """The reference computed on every batch: a frozen model, or the policy with its PEFT adapters disabled.
+
+    Args:
+        model: the frozen reference, placed by :func:`prepare_reference`; None: the policy with adapters off.
+        unwrap: maps a (DDP/DeepSpeed-)wrapped policy to the module whose adapters are switched off.
+    """
+
+    def __init__(self, model: nn.Module | None, unwrap: Callable[[nn.Module], nn.Module] = lambda m: m) -> None:
+        self.model = model
+        self.unwrap = unwrap
+
+    @property
+    def kind(self) -> str:
+        return "frozen model" if self.model is not None else "policy with adapters disabled"
+
+    @torch.no_grad()
+    def logps(
+        self, policy: nn.Module, inputs: dict[str, torch.Tensor], mask: torch.Tensor, score: Score,
+        columns: dict[str, torch.Tensor] | None = None,
+    ) -> ResponseLogps:
+        """(R,) reference log-probs of ``inputs`` (R, L) bool ``mask``, scored by ``score(model, inputs, mask)``
+        (the trainer's scorer: its LM-head choice, packing). ``columns`` is not used."""
+        if self.model is not None:
+            return score(self.model, inputs, mask)
+        unwrapped = self.unwrap(policy)
+        was_training = unwrapped.training
+        unwrapped.eval()  # the reference is deterministic: no dropout
+        try:
+            with unwrapped.disable_adapter():
+                return score(policy, inputs, mask)
+        finally:
+            unwrapped.train(was_training)
+
+
+class PrecomputedReference:
+    """Reference log-probs computed once per dataset, before training, and joined to it as columns.
+
+    :meth:`attach` loads a dataset's table from the disk cache (:mod:`adpo.refcache`, keyed by model, data and
+    settings) or computes it with ``live``, and returns the dataset with two more columns per row,
+    ``_adpo_ref_logps`` and ``_adpo_ref_counts`` (one value per side). The collator passes them on, so a step
+    reads its reference log-probs from its own batch: nothing is looked up or switched at step time.
+    """
+
+    def __init__(
+        self, live: LiveReference, cache: ReferenceCache, compute: Callable[[Any], RefLogpsTable]
+    ) -> None:
+        self.live: LiveReference | None = live
+        self.cache = cache
+        self.compute = compute  # dataset → its table, with the live reference (a pass over the data)
+        self.cache_hits = 0  # tables loaded from disk rather than computed
+        self._attached: dict[int, tuple[Any, Any]] = {}  # id(dataset) → (dataset, with columns)
+
+    kind = "precomputed"
+
+    def attach(self, dataset: Any) -> Any:
+        """``dataset`` with its reference columns (memoised; a dataset that has them is returned as is)."""
+        if has_reference_columns(dataset):
+            return dataset
+        if id(dataset) in self._attached:
+            return self._attached[id(dataset)][1]
+        table, loaded = self.cache.load_or_compute(dataset, None if self.live is None else self.compute)
+        self.cache_hits += int(loaded)
+        joined = with_reference_columns(dataset, table)
+        self._attached[id(dataset)] = (dataset, joined)  # the dataset stays alive, so its id stays unique
+        return joined
+
+    def release_model(self) -> nn.Module | None:
+        """Forget the live reference (all tables are attached); returns its frozen model, if it had one."""
+        model = None if self.live is None else self.live.model
+        if model is not None:
+            self.live = None  # adapters off costs nothing to keep: the policy is needed anyway
+        return model
+
+    def logps(
+        self, policy: nn.Module, inputs: dict[str, torch.Tensor], mask: torch.Tensor, score: Score,
+        columns: dict[str, torch.Tensor] | None = None,
+    ) -> ResponseLogps:
+        """The batch's precomputed ``columns`` (``ref_logps``, ``ref_counts``: (R,) side-major like the batch)."""
+        sums, counts = (columns or {}).get(REF_LOGPS), (columns or {}).get(REF_COUNTS)
+        if sums is None:
+            raise ValueError("--precompute_ref_log_probs: this batch has no precomputed reference log-probs; pass "
+                             "every dataset to the trainer up front, or give it to trainer.reference.attach.")
+        if not torch.equal(counts.to(mask.device), mask.sum(1)):
+            raise RuntimeError("precomputed reference log-probs do not match this batch: their response token "
+                               "counts differ, so they were computed with other data or settings.")
+        return ResponseLogps(sums.to(mask.device), counts.to(mask.device))
+
+
+Reference = LiveReference | PrecomputedReference
+
+
+def has_reference_columns(dataset: Any) -> bool:
+    return REF_LOGPS_COLUMN in (getattr(dataset, "column_names", None) or ())
+
+
+def with_reference_columns(dataset: Any, table: RefLogpsTable) -> Any:
+    """``dataset`` (a ``datasets.Dataset``) plus its table as two columns, row ``i`` ↔ table row ``i``."""
+    if len(dataset) != table.sums.shape[0]:
+        raise ValueError(f"reference table has {table.sums.shape[0]} rows for a dataset of {len(dataset)}.")
+    dataset = dataset.add_column(REF_LOGPS_COLUMN, table.sums.tolist())
+    return dataset.add_column(REF_COUNTS_COLUMN, table.counts.tolist())
