@@ -84,14 +84,28 @@ def test_frozen_head_gets_no_gradient_but_hidden_does() -> None:
     torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6)
 
 
+def _rounds_to(values: torch.Tensor, relative: float) -> torch.Tensor:
+    """fp32 ``values`` moved by ``relative`` (random sign): half precision rounds them back to ``values``."""
+    return values * (1 + relative * torch.sign(torch.randn(values.shape)))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_runs_the_heads_matmul_in_the_autocast_dtype(dtype: torch.dtype) -> None:
     """Under autocast the head's F.linear runs in bf16/fp16 (fp32 master weights): the fused head does the same, so
     its log-probs equal the model's to fp32 rounding, and its gradients to half-precision rounding (its per-block
-    products are summed in fp32 where the plain backward rounds one matmul)."""
+    products are summed in fp32 where the plain backward rounds one matmul).
+
+    Equal on any CPU by construction: the fp32 weights (±1/8, ±2/8) and hidden states (±1, ±2) are offset by 3e-4
+    relative, which autocast rounds away (half a bf16 ulp is 2^-9 relative); every product and partial sum is then
+    a multiple of 1/8 below 40, exact in the fp32 accumulator in any summation order, so each logit is the same
+    correctly rounded half-precision number whatever kernel the CPU picks for each matmul shape (AVX2, AVX-512,
+    AMX). fp32 still sees the offsets, so autocast visibly changes the result."""
     torch.manual_seed(3)
     head = nn.Linear(64, 1000)
-    hidden = torch.randn(30, 64, requires_grad=True)
+    with torch.no_grad():
+        head.weight.copy_(_rounds_to(torch.randint(1, 3, (1000, 64)) * torch.sign(torch.randn(1000, 64)) / 8, 3e-4))
+        head.bias.copy_(torch.randint(-8, 9, (1000,)) / 8)
+    hidden = _rounds_to(torch.randint(1, 3, (30, 64)) * torch.sign(torch.randn(30, 64)), 3e-4).requires_grad_()
     targets = torch.randint(0, 1000, (30,))
     params = [hidden, head.weight, head.bias]
     with torch.autocast("cpu", dtype=dtype):
