@@ -137,7 +137,7 @@ def test_precomputed_reference_equals_live_and_is_reused(setup, tmp_path) -> Non
 
     cached, cached_calls, ref = make_trainer(model_dir, train, tmp_path, multimodal=multimodal,
                                              eval_dataset=evals, precompute_ref_log_probs=True, **extra)
-    assert cached.ref_model is None and cached.ref_cache_hits == 0
+    assert cached.ref_model is None and cached.reference.cache_hits == 0
     ref_alive = weakref.ref(ref)
     del ref
     gc.collect()
@@ -164,7 +164,7 @@ def test_precomputed_reference_equals_live_and_is_reused(setup, tmp_path) -> Non
     again, again_calls, _ = make_trainer(model_dir, train, tmp_path, multimodal=multimodal,
                                          eval_dataset=evals, precompute_ref_log_probs=True, **extra)
     again.train()
-    assert again.ref_cache_hits == 2 and again_calls[0] == 0
+    assert again.reference.cache_hits == 2 and again_calls[0] == 0
     assert again.recorded == cached.recorded
 
 
@@ -186,7 +186,7 @@ def test_cache_miss_and_hit_train_identically_with_dropout(tiny_llama, text_json
         trainer, _, _ = make_trainer(model_dir, train, tmp_path / cache, multimodal=False,
                                      precompute_ref_log_probs=True, padding_free=False)
         trainer.train()
-        return trainer.recorded, trainer.ref_cache_hits
+        return trainer.recorded, trainer.reference.cache_hits
 
     miss, hits = losses("a")
     assert hits == 0
@@ -208,7 +208,7 @@ def test_cache_rebuilt_when_data_model_or_settings_change(tiny_idefics3, image_j
         dataset = load_adpo_dataset(str(rows), max_samples=4)
         trainer, calls, _ = make_trainer(tiny_idefics3, dataset, tmp_path, multimodal=True,
                                          precompute_ref_log_probs=True, **kw)
-        return trainer.ref_cache_hits, calls[0]
+        return trainer.reference.cache_hits, calls[0]
 
     assert build() == (0, 3)  # 4 rows in batches of 3: two reference forwards, after the LM-head probe
     assert build() == (1, 0)
@@ -238,7 +238,7 @@ def test_peft_reference_shares_the_frozen_copy_cache(tiny_llama, text_jsonl, tmp
                       use_cpu=True, precompute_ref_log_probs=True)
     collator = ADPOCollator(tokenizer, multimodal=False)
     trainer = ADPOTrainer(model=peft_model, args=args, data_collator=collator, train_dataset=train)
-    assert trainer.ref_cache_hits == 1
+    assert trainer.reference.cache_hits == 1
     batch = collator([plain.train_dataset[i] for i in range(4)])
     found = batch.pop(REF_LOGPS)
     inputs = {k: v for k, v in batch.items() if k not in (RESPONSE_MASK, ROW_IDS, REF_COUNTS)}
@@ -421,10 +421,10 @@ def test_two_process_precompute_matches_single_process(tiny_llama, text_jsonl, t
 
     reused, _ = build_trainer(*parse_args([*base, "--output_dir", str(tmp_path / "a"), "--ref_cache_dir",
                                            str(tmp_path / "ddp_cache")]))
-    assert reused.ref_cache_hits == 1
+    assert reused.reference.cache_hits == 1
     single, _ = build_trainer(*parse_args([*base, "--output_dir", str(tmp_path / "b"), "--ref_cache_dir",
                                            str(tmp_path / "single_cache")]))
-    assert single.ref_cache_hits == 0
+    assert single.reference.cache_hits == 0
     (computed,) = (tmp_path / "single_cache").glob("*.pt")
     assert computed.name == written.name
     a, b = RefLogpsTable.load(written), RefLogpsTable.load(computed)

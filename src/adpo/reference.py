@@ -16,6 +16,7 @@ reference is a second model the Trainer does not know about, placed here for DDP
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -138,8 +139,12 @@ class LiveReference:
         self.unwrap = unwrap
 
     @property
-    def kind(self) -> str:
-        return "frozen model" if self.model is not None else "policy with adapters disabled"
+    def frozen_model(self) -> nn.Module | None:
+        return self.model
+
+    def prepare_dataset(self, dataset: Any) -> Any:
+        """What a dataloader iterates: ``dataset`` itself (a live reference needs nothing joined)."""
+        return dataset
 
     @torch.no_grad()
     def logps(
@@ -178,7 +183,26 @@ class PrecomputedReference:
         self.cache_hits = 0  # tables loaded from disk rather than computed
         self._attached: dict[int, tuple[Any, Any]] = {}  # id(dataset) → (dataset, with columns)
 
-    kind = "precomputed"
+    @property
+    def frozen_model(self) -> nn.Module | None:
+        """The frozen reference model, until :meth:`precompute` frees it."""
+        return None if self.live is None else self.live.model
+
+    def precompute(self, train: Any, evals: Any, accelerator: Any) -> tuple[Any, Any]:
+        """The train dataset and the eval dataset(s) (one, a dict, or None) with their columns; then the frozen
+        reference model is freed (every dataset given later needs its table on disk)."""
+        if train is not None:
+            train = self.attach(train)
+        if isinstance(evals, dict):
+            evals = {name: self.attach(data) for name, data in evals.items()}
+        elif evals is not None:
+            evals = self.attach(evals)
+        self._free_model(accelerator)
+        return train, evals
+
+    def prepare_dataset(self, dataset: Any) -> Any:
+        """What a dataloader iterates: ``dataset`` with its columns (a dict of datasets, or None: unchanged)."""
+        return dataset if dataset is None or isinstance(dataset, dict) else self.attach(dataset)
 
     def attach(self, dataset: Any) -> Any:
         """``dataset`` with its reference columns (memoised; a dataset that has them is returned as is)."""
@@ -192,12 +216,18 @@ class PrecomputedReference:
         self._attached[id(dataset)] = (dataset, joined)  # the dataset stays alive, so its id stays unique
         return joined
 
-    def release_model(self) -> nn.Module | None:
-        """Forget the live reference (all tables are attached); returns its frozen model, if it had one."""
-        model = None if self.live is None else self.live.model
-        if model is not None:
-            self.live = None  # adapters off costs nothing to keep: the policy is needed anyway
-        return model
+    def _free_model(self, accelerator: Any) -> None:
+        model = self.frozen_model
+        if model is None:
+            return  # adapters off costs nothing to keep: the policy is needed anyway
+        self.live = None
+        # accelerate keeps every prepared model in _models; drop ours so its memory can be released.
+        accelerator._models = [m for m in accelerator._models if m is not model]
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        logger.info("reference log-probs precomputed: reference model freed")
 
     def logps(
         self, policy: nn.Module, inputs: dict[str, torch.Tensor], mask: torch.Tensor, score: Score,
@@ -215,6 +245,27 @@ class PrecomputedReference:
 
 
 Reference = LiveReference | PrecomputedReference
+
+
+def build_reference(
+    args: Any, ref_model: nn.Module | None, policy: nn.Module, collator: Any, accelerator: Any,
+    compute: Callable[[Any], RefLogpsTable],
+) -> Reference | None:
+    """The run's reference from its config (``reference_free``, ``precompute_ref_log_probs``, ``ref_cache_dir``).
+
+    Args:
+        ref_model: the frozen reference, already placed (:func:`prepare_reference`); None: the PEFT policy with
+            adapters off.
+        compute: dataset → its table, one pass with the live reference (the trainer's scoring).
+    """
+    if args.reference_free:
+        return None
+    live = LiveReference(ref_model, accelerator.unwrap_model)
+    if not args.precompute_ref_log_probs:
+        return live
+    source = accelerator.unwrap_model(ref_model if ref_model is not None else policy)
+    cache = ReferenceCache(source, collator, str(accelerator.mixed_precision), accelerator, args.ref_cache_dir)
+    return PrecomputedReference(live, cache, compute)
 
 
 def has_reference_columns(dataset: Any) -> bool:

@@ -11,7 +11,6 @@ model is freed.
 
 from __future__ import annotations
 
-import gc
 import logging
 import weakref
 from collections import defaultdict
@@ -28,8 +27,8 @@ from .guard import NonFiniteGuard
 from .logprobs import HeadChoice, ResponseLogps, choose_lm_head, response_logps
 from .losses import adpo_loss, multitask_loss
 from .packing import packed_forward, padding_free_decision
-from .refcache import ReferenceCache, RefLogpsTable, compute_table
-from .reference import LiveReference, PrecomputedReference, Reference, prepare_reference
+from .refcache import RefLogpsTable, compute_table
+from .reference import PrecomputedReference, Reference, build_reference, prepare_reference
 from .rng import preserved_rng
 
 logger = logging.getLogger(__name__)
@@ -69,50 +68,17 @@ class ADPOTrainer(Trainer):
             self.add_callback(self.nonfinite_guard)
         # DDP: on the device, unwrapped; ZeRO-3 / FSDP: sharded like the policy (adpo.reference).
         placed = None if ref_model is None else prepare_reference(ref_model, self.accelerator)
-        self.reference: Reference | None = self._build_reference(placed)
-        if isinstance(self.reference, PrecomputedReference):
-            self._attach_reference_columns(self.reference)
+        self.reference: Reference | None = build_reference(args, placed, self.model, self.data_collator,
+                                                           self.accelerator, self._compute_table)
+        if isinstance(self.reference, PrecomputedReference):  # join the columns, free the frozen model
+            self.train_dataset, self.eval_dataset = self.reference.precompute(
+                self.train_dataset, self.eval_dataset, self.accelerator)
 
     # ------------------------------------------------------------------ reference
     @property
     def ref_model(self) -> nn.Module | None:
         """The frozen reference model in use; None with adapters off, reference-free, or once precomputed."""
-        live = self.reference.live if isinstance(self.reference, PrecomputedReference) else self.reference
-        return None if live is None else live.model
-
-    @property
-    def ref_cache_hits(self) -> int:
-        """Reference tables loaded from disk rather than computed (``--precompute_ref_log_probs``)."""
-        return self.reference.cache_hits if isinstance(self.reference, PrecomputedReference) else 0
-
-    def _build_reference(self, ref_model: nn.Module | None) -> Reference | None:
-        if self.args.reference_free:
-            return None
-        live = LiveReference(ref_model, self.accelerator.unwrap_model)
-        if not self.args.precompute_ref_log_probs:
-            return live
-        source = self.accelerator.unwrap_model(ref_model if ref_model is not None else self.model)
-        cache = ReferenceCache(source, self.data_collator, str(self.accelerator.mixed_precision), self.accelerator,
-                               self.args.ref_cache_dir)
-        return PrecomputedReference(live, cache, self._compute_table)
-
-    def _attach_reference_columns(self, reference: PrecomputedReference) -> None:
-        """Join the reference log-probs to the train and eval datasets, then free a frozen reference model."""
-        if self.train_dataset is not None:
-            self.train_dataset = reference.attach(self.train_dataset)
-        if isinstance(self.eval_dataset, dict):
-            self.eval_dataset = {name: reference.attach(data) for name, data in self.eval_dataset.items()}
-        elif self.eval_dataset is not None:
-            self.eval_dataset = reference.attach(self.eval_dataset)
-        freed = reference.release_model()
-        if freed is not None:
-            # accelerate keeps every prepared model in _models; drop ours so its memory can be released.
-            self.accelerator._models = [m for m in self.accelerator._models if m is not freed]
-            del freed
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            logger.info("reference log-probs precomputed: reference model freed")
+        return None if self.reference is None else self.reference.frozen_model
 
     def _compute_table(self, dataset: Any) -> RefLogpsTable:
         live = self.reference.live
@@ -140,19 +106,17 @@ class ADPOTrainer(Trainer):
 
     def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
         """``Trainer.get_eval_dataloader``; with precomputed reference log-probs, over the dataset with them."""
-        return super().get_eval_dataloader(self._with_reference(eval_dataset, self.eval_dataset))
+        if isinstance(eval_dataset, str):  # one of a dict of eval datasets, by name
+            eval_dataset = self.eval_dataset[eval_dataset]
+        if self.reference is not None:
+            eval_dataset = self.reference.prepare_dataset(eval_dataset)
+        return super().get_eval_dataloader(eval_dataset)
 
     def get_test_dataloader(self, test_dataset: Any) -> Any:
         """``Trainer.get_test_dataloader``; with precomputed reference log-probs, over the dataset with them."""
-        return super().get_test_dataloader(self._with_reference(test_dataset, None))
-
-    def _with_reference(self, dataset: Any, default: Any) -> Any:
-        if not isinstance(self.reference, PrecomputedReference):
-            return dataset
-        if isinstance(dataset, str):  # one of a dict of eval datasets, by name
-            dataset = self.eval_dataset[dataset]
-        dataset = dataset if dataset is not None else default
-        return None if dataset is None or isinstance(dataset, dict) else self.reference.attach(dataset)
+        if self.reference is not None:
+            test_dataset = self.reference.prepare_dataset(test_dataset)
+        return super().get_test_dataloader(test_dataset)
 
     # ------------------------------------------------------------------ LM head
     def choose_lm_heads(self, policy: nn.Module | None = None) -> dict[str, HeadChoice]:
