@@ -106,10 +106,8 @@ class ADPOTrainer(Trainer):
 
     def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
         """``Trainer.get_eval_dataloader``; with precomputed reference log-probs, over the dataset with them."""
-        if isinstance(eval_dataset, str):  # one of a dict of eval datasets, by name
-            eval_dataset = self.eval_dataset[eval_dataset]
-        if self.reference is not None:
-            eval_dataset = self.reference.prepare_dataset(eval_dataset)
+        if self.reference is not None and not isinstance(eval_dataset, str):  # by name: joined at the start
+            eval_dataset = self.reference.prepare_dataset(self.eval_dataset if eval_dataset is None else eval_dataset)
         return super().get_eval_dataloader(eval_dataset)
 
     def get_test_dataloader(self, test_dataset: Any) -> Any:
