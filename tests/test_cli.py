@@ -209,3 +209,31 @@ def test_length_grouped_batching_and_pad_to_multiple_of(tiny_llama, text_jsonl, 
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["input_ids"].shape[1] % 16 == 0
     trainer.train()
+
+
+def test_python_m_entry_points_execute_their_module_once():
+    """``python -m adpo.evaluate`` (and adpo.synthetic, adpo.datasets_tools) hands the CLI the running module
+    instead of executing a second copy of it (two copies: two sets of classes, isinstance across them fails)."""
+    script = """if True:
+        import json, os, runpy, sys
+        runs = {}
+
+        def count(event, args):
+            if event == "exec" and getattr(args[0], "co_name", None) == "<module>":
+                runs[args[0].co_filename] = runs.get(args[0].co_filename, 0) + 1
+
+        sys.addaudithook(count)
+        for name in ("adpo.evaluate", "adpo.synthetic", "adpo.datasets_tools"):
+            sys.argv = [name, "--help"]
+            try:
+                runpy.run_module(name, run_name="__main__", alter_sys=True)
+            except SystemExit:
+                pass
+        marker = os.sep + "adpo" + os.sep
+        print(json.dumps({f.split(marker)[-1]: n for f, n in runs.items() if marker in f}))
+    """
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {name: runs.get(name) for name in ("evaluate.py", "synthetic.py", "datasets_tools.py")} == {
+        "evaluate.py": 1, "synthetic.py": 1, "datasets_tools.py": 1}

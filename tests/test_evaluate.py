@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from adpo.cli.evaluate import main
-from adpo.collator import RESPONSE_MASK, ROW_IDS, ADPOCollator
+from adpo.collator import RESPONSE_MASK, ROW_IDS, ADPOCollator, collator_from_args
+from adpo.config import LoadArguments, RowArguments
 from adpo.data import load_adpo_dataset
 from adpo.evaluate import derive, load_for_eval, score_rows, summarise
 from adpo.logprobs import response_logps
@@ -66,10 +67,21 @@ def direct_logps(model, processor, rows, multimodal: bool) -> tuple[torch.Tensor
         return response_logps(model, model.get_output_embeddings(), batch, mask).sums.chunk(2)
 
 
+def load(path: Path, ref: Path | None = None):
+    return load_for_eval(LoadArguments(model_name_or_path=str(path), ref_model_name_or_path=ref and str(ref)))
+
+
+def collators(loaded, multimodal: bool) -> dict[str, ADPOCollator | None]:
+    """score_rows' collators as adpo-eval builds them (default flags), with image ablation when multimodal."""
+    blind = collator_from_args(loaded.processor, RowArguments(), multimodal=False) if multimodal else None
+    return {"collator": collator_from_args(loaded.processor, RowArguments(), multimodal=multimodal),
+            "text_collator": blind}
+
+
 def test_score_rows_uses_the_trainers_log_probs(tiny_idefics3: Path, image_jsonl: Path):
-    loaded = load_for_eval(str(tiny_idefics3), ref_path=str(tiny_idefics3))
+    loaded = load(tiny_idefics3, ref=tiny_idefics3)
     dataset = load_adpo_dataset(str(image_jsonl), max_samples=5)
-    records = score_rows(loaded, dataset, multimodal=True, batch_size=2)  # batches of 2, 2, 1
+    records = score_rows(loaded, dataset, **collators(loaded, True), batch_size=2)  # batches of 2, 2, 1
     rows = [dataset[i] for i in range(5)]
     chosen, rejected = direct_logps(loaded.model, loaded.processor, rows, multimodal=True)
     blind_c, blind_r = direct_logps(loaded.model, loaded.processor, rows, multimodal=False)
@@ -87,9 +99,9 @@ def test_score_rows_uses_the_trainers_log_probs(tiny_idefics3: Path, image_jsonl
 
 def test_text_only_evaluation_of_image_counterfactuals_is_a_tie(tiny_idefics3: Path, image_jsonl: Path):
     """Image counterfactuals share the question: without images both prompts are the same text."""
-    loaded = load_for_eval(str(tiny_idefics3))
+    loaded = load(tiny_idefics3)
     dataset = load_adpo_dataset(str(image_jsonl), max_samples=4)
-    records = score_rows(loaded, dataset, multimodal=False, batch_size=4)
+    records = score_rows(loaded, dataset, **collators(loaded, False), batch_size=4)
     s = summarise(records)
     assert s["ties"] == 1.0 and s["prompt_accuracy"] == 0.5 and s["prompt_accuracy_strict"] == 0.0
     assert "image_ablation_gap" not in s and "reward_accuracy" not in s
@@ -114,11 +126,11 @@ def llama_adapter(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def test_adapter_reference_is_the_base_model(llama_adapter: Path, tiny_llama: Path, text_jsonl: Path):
-    loaded = load_for_eval(str(llama_adapter))
+    loaded = load(llama_adapter)
     assert loaded.adapter_reference and loaded.reference is None
     dataset = load_adpo_dataset(str(text_jsonl), max_samples=4)
-    records = score_rows(loaded, dataset, multimodal=False, batch_size=4)
-    base = load_for_eval(str(tiny_llama))
+    records = score_rows(loaded, dataset, **collators(loaded, False), batch_size=4)
+    base = load(tiny_llama)
     rows = [dataset[i] for i in range(4)]
     base_c, base_r = direct_logps(base.model, base.processor, rows, multimodal=False)
     policy_c, _ = direct_logps(loaded.model, loaded.processor, rows, multimodal=False)

@@ -28,7 +28,9 @@ from adpo.logprobs import choose_lm_head, response_logps
 from adpo.modeling import (
     COMPONENTS,
     apply_lora,
+    component_modules,
     component_path,
+    component_paths,
     freeze_components,
     load_model_and_processor,
     lora_targets,
@@ -369,13 +371,13 @@ def test_lora_suffixes_and_projector_without_linear(tiny: Any) -> None:
 def test_freeze_components(family: str, tiny: Any) -> None:
     """--freeze_vision_tower / --freeze_mm_projector fix exactly those components' parameters."""
     model, _ = load_model_and_processor(ModelArguments(model_name_or_path=str(tiny(family))))
-    vision, projector = component_path(model, "vision_tower"), component_path(model, "mm_projector")
+    vision, projector = component_path(model, "vision_tower"), component_paths(model, "mm_projector")
     assert freeze_components(model, ["vision_tower"]) > 0
     for name, param in model.named_parameters():
-        in_vision = _under(name, vision) and not _under(name, projector)
+        in_vision = _under(name, vision) and not any(_under(name, p) for p in projector)
         assert param.requires_grad != in_vision, name
     freeze_components(model, ["mm_projector"])
-    assert not any(p.requires_grad for n, p in model.named_parameters() if _under(n, projector))
+    assert not any(p.requires_grad for n, p in model.named_parameters() if any(_under(n, q) for q in projector))
     assert any(p.requires_grad for n, p in model.named_parameters() if _under(n, component_path(model,
                                                                                                "language_model")))
 
@@ -411,6 +413,8 @@ SIZE_KWARGS: dict[str, tuple[str, tuple[int, ...]]] = {
     # About 64x64 pixels (aspect kept): ~64 patches per image instead of 4-16; checked against image_grid_thw below.
     "qwen2_vl": ('{"size": {"shortest_edge": 3000, "longest_edge": 5000}}', (384,)),
     "qwen2_5_vl": ('{"size": {"shortest_edge": 3000, "longest_edge": 5000}}', (384,)),
+    "qwen3_vl": ('{"size": {"shortest_edge": 3000, "longest_edge": 5000}}', (384,)),
+    "qwen3_5": ('{"size": {"shortest_edge": 3000, "longest_edge": 5000}}', (384,)),
     "gemma3": ('{"size": {"height": 48, "width": 48}, "do_rescale": true}', (3, 48, 48)),
     "paligemma": ('{"size": {"height": 48, "width": 48}, "do_rescale": true}', (3, 48, 48)),
 }
@@ -496,19 +500,155 @@ def test_jsonl_rows_roundtrip(mixed_jsonl: Path) -> None:
     assert [(len(r["chosen_images"]), len(r["rejected_images"])) for r in rows] == [(1, 2), (3, 1), (1, 1), (2, 2)]
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
-def test_qwen_processor_loads_without_a_video_processor(family: str, tiny: Any) -> None:
-    """The folder names the real processor class, as a hub checkpoint does; AutoProcessor cannot build its video
-    processor here, and load_processor gives that class for images only."""
-    from transformers import AutoProcessor, Qwen2_5_VLProcessor, Qwen2VLProcessor
+# ------------------------------------------------------------------------------------------------ processor loading
+def _saved_processor(folder: Path) -> dict[str, Any]:
+    """What a folder says about its processor: processor_config.json, the chat template, the tokenizer files."""
+    template = folder / "chat_template.jinja"
+    return {"processor_config": json.loads((folder / "processor_config.json").read_text()),
+            "chat_template": template.read_text() if template.is_file() else None,
+            "tokenizer": json.loads((folder / "tokenizer_config.json").read_text()),
+            "vocabulary": json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]}
 
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_processor_reload_keeps_every_setting(family: str, tiny: Any, tmp_path: Path) -> None:
+    """The folder was written by the real processor class; load_processor then save_pretrained writes back every
+    setting (processor and image processor exactly; the tokenizer's special tokens and vocabulary; the chat
+    template) and names the same processor class. (transformers itself may add tokenizer keys on a reload, e.g.
+    the class's default unk token, so the tokenizer is compared on what the folder saved.)"""
     from adpo.processing import load_processor
 
-    cls = Qwen2VLProcessor if family == "qwen2_vl" else Qwen2_5_VLProcessor
     folder = tiny(family)
-    assert json.loads((folder / "processor_config.json").read_text())["processor_class"] == cls.__name__
-    with pytest.raises((OSError, ImportError, ValueError)):
-        AutoProcessor.from_pretrained(folder)
     processor = load_processor(str(folder))
-    assert isinstance(processor, cls) and getattr(processor, "video_processor", None) is None
-    assert type(processor.image_processor).__name__ == "Qwen2VLImageProcessorPil"
+    processor.save_pretrained(tmp_path)
+    before, after = _saved_processor(folder), _saved_processor(tmp_path)
+    for key in ("processor_config", "chat_template", "vocabulary"):
+        assert after[key] == before[key], key
+    special = [k for k in before["tokenizer"] if k.endswith("_token") or k == "extra_special_tokens"]
+    assert special and {k: after["tokenizer"].get(k) for k in special} == {k: before["tokenizer"][k] for k in special}
+    saved = before["processor_config"]
+    assert type(processor).__name__ == saved["processor_class"]
+    for key, value in saved.items():  # the settings are live on the processor, not only written back
+        if key != "processor_class" and not isinstance(value, dict):
+            assert getattr(processor, key) == value, key
+
+
+def test_unavailable_video_processor_keeps_its_settings(tiny: Any, tmp_path: Path) -> None:
+    """A folder with saved video settings whose video processor cannot be built here: the settings stay readable
+    (SmolVLM2's chat template reads num_frames / fps for image rows too), are written back on save, and the
+    stand-in refuses to process videos."""
+    import shutil
+
+    from transformers import AutoProcessor
+
+    from adpo.processing import UnavailablePart, load_processor
+
+    folder = tmp_path / "with_video"
+    shutil.copytree(tiny("qwen3_vl"), folder)
+    config = json.loads((folder / "processor_config.json").read_text())
+    config["video_processor"] = {"video_processor_type": "Qwen3VLVideoProcessor", "num_frames": 7, "fps": 3,
+                                 "patch_size": 16}
+    (folder / "processor_config.json").write_text(json.dumps(config))
+    try:
+        AutoProcessor.from_pretrained(folder)
+        pytest.skip("the video processor can be built here")
+    except Exception:  # noqa: BLE001 - any failure of the plain path is what load_processor handles
+        pass
+    processor = load_processor(str(folder))
+    assert isinstance(processor.video_processor, UnavailablePart)
+    assert (processor.video_processor.num_frames, processor.video_processor.fps) == (7, 3)
+    with pytest.raises(RuntimeError, match="video_processor is not available"):
+        processor.video_processor(videos=[])
+    processor.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "processor_config.json").read_text()) == config
+
+
+def test_processor_errors_name_what_is_missing(tiny: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing package (the processor's constructor needs it) or a missing file is named, not an OSError about
+    the video processor."""
+    import shutil
+
+    from adpo.processing import ProcessorLoadError, load_processor
+
+    folder = tmp_path / "no_tokenizer"
+    shutil.copytree(tiny("qwen2_vl"), folder)
+    (folder / "tokenizer.json").unlink()
+    (folder / "tokenizer_config.json").unlink()
+    with pytest.raises(ProcessorLoadError, match="tokenizer of .* is empty: the folder has no tokenizer files"):
+        load_processor(str(folder))
+
+    import transformers.models.idefics3.processing_idefics3 as module
+
+    original = module.Idefics3Processor.__init__
+
+    def needs_package(self: Any, *args: Any, **kwargs: Any) -> None:
+        raise ModuleNotFoundError("No module named 'num2words'", name="num2words")
+
+    monkeypatch.setattr(module.Idefics3Processor, "__init__", needs_package)
+    with pytest.raises(ProcessorLoadError, match=r"'num2words' is not installed \(pip install num2words\)"):
+        load_processor(str(tiny("idefics3")))
+    monkeypatch.setattr(module.Idefics3Processor, "__init__", original)
+
+
+# ------------------------------------------------------------------------------------------------ chat templates
+def test_template_that_drops_the_answer_is_refused_naming_the_template(tiny: Any) -> None:
+    """A template whose assistant turn neither continues the generation prompt nor shows the answer is refused
+    when the collator is built, with a message about the template (not a data row)."""
+    _, processor = load_model_and_processor(ModelArguments(model_name_or_path=str(tiny("llava"))))
+    processor.chat_template = (
+        "{% for m in messages %}{{ m['role'] + ': ' }}{% if m['role'] == 'user' %}"
+        "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}{{ '\n' }}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    )
+    with pytest.raises(ValueError, match="chat template of LlavaProcessor does not render the assistant's text"):
+        ADPOCollator(processor, multimodal=True)
+
+
+# ------------------------------------------------------------------------------------------------ components
+# Model types of MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES that adpo supports (docs/families.md).
+SUPPORTED_MODEL_TYPES = ("idefics3", "smolvlm", "llava", "llava_next", "llava_onevision", "mllama", "qwen2_vl",
+                         "qwen2_5_vl", "qwen3_vl", "qwen3_5", "gemma3", "gemma3n", "gemma4", "paligemma", "internvl",
+                         "glm4v", "aya_vision", "llama4", "mistral3", "lfm2_vl")
+
+
+def _small(config: Any) -> None:
+    """One layer everywhere (the walk only needs the module structure)."""
+    for key in ("num_hidden_layers", "depth", "num_layers", "num_global_layers"):
+        if isinstance(getattr(config, key, None), int) and getattr(config, key) > 1:
+            setattr(config, key, 1)
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[-1:]
+    for key in ("text_config", "vision_config", "audio_config"):
+        if getattr(config, key, None) is not None:
+            _small(getattr(config, key))
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED_MODEL_TYPES)
+def test_components_resolve_for_every_supported_model_type(model_type: str) -> None:
+    """Each supported model type's model class (its default config, one layer, on the meta device) has a vision
+    tower, a projector and a language model in COMPONENTS; they do not overlap, and together with the LM head
+    (and an audio tower where the family has one) they hold every parameter."""
+    from transformers import AutoModelForImageTextToText
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    assert model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    overrides = {"gemma4": {"vision_config": {}},  # optional in the config class, present in every checkpoint
+                 "aya_vision": {"vision_config": {"model_type": "siglip_vision_model", "num_attention_heads": 16}}}
+    config = CONFIG_MAPPING[model_type](**overrides.get(model_type, {}))
+    _small(config)
+    if model_type == "gemma3n":
+        pytest.importorskip("timm", exc_type=ImportError)  # its vision tower is a timm model
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    owner: dict[str, str] = {}
+    for component in COMPONENTS:
+        modules = component_modules(model, component)
+        assert any(isinstance(m, nn.Linear) for m in modules.values()) or component == "mm_projector", component
+        for name, module in modules.items():
+            for param_name, _ in module.named_parameters(recurse=False):
+                assert owner.setdefault(f"{name}.{param_name}", component) == component, (name, component)
+    lm_head = {n for n, _ in model.named_parameters() if n.startswith(("lm_head.", "language_model.lm_head."))}
+    rest = {n for n, _ in model.named_parameters()} - set(owner) - lm_head
+    # LLaVA-NeXT / -OneVision's image_newline is a parameter of the model itself, appended to image features.
+    assert all("audio" in n or n == "model.image_newline" for n in rest), sorted(rest)[:5]

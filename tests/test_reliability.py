@@ -139,13 +139,14 @@ def test_image_placeholder_in_text_only_mode_is_refused(processor):
 
 def _jsonl(tmp: Path, rows: list[dict[str, Any]]) -> Dataset:
     draw_shape("circle", "red").save(tmp / "a.png")
+    draw_shape("circle", "green").save(tmp / "b.png")
     path = tmp / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return load_adpo_dataset(str(path))
 
 
 GOOD = {"response": "A red circle.", "chosen": "What?", "rejected": "What?",
-        "chosen_images": ["a.png"], "rejected_images": ["a.png"]}
+        "chosen_images": ["a.png"], "rejected_images": ["b.png"]}
 
 
 def test_skip_mode_counts_rows_by_reason(vl_collator, tmp_path):
@@ -507,7 +508,7 @@ def test_cli_answers_bad_input_in_one_line(monkeypatch, capsys, tiny_llama, text
     broken.write_text(text_jsonl.read_text()[:-20])
     code, _, err = _cli(monkeypatch, capsys, ["--model_name_or_path", str(tiny_llama), "--dataset_name",
                                               str(broken), "--output_dir", str(tmp_path / "out")])
-    assert code == 2 and err.startswith("adpo: error: An error occurred while generating the dataset: ")
+    assert code == 2 and err.startswith(f"adpo: error: row 7: not valid JSON: line 8 of {broken}: ")
 
 
 @pytest.mark.slow

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -24,6 +26,9 @@ from transformers import PreTrainedTokenizerBase, ProcessorMixin
 
 from .data import ROW_ID, ADPODataError, row_images, row_text
 from .images import ImageLoadError, load_image, min_image_side
+
+if TYPE_CHECKING:
+    from .config import RowArguments
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +50,9 @@ SEQUENCE_KEYS = {
 DROPPED_KEYS = {
     "labels": "PaliGemma: LM labels for its own loss; the trainer computes response log-probs itself",
 }
+
+# Stands in for the answer to find where a chat template puts it (no template trims, escapes or splits it).
+_RESPONSE_SENTINEL = "ADPO0RESPONSE0SENTINEL"
 
 # Keys the collator adds for the trainer; they never reach the model.
 RESPONSE_MASK = "response_mask"
@@ -96,6 +104,7 @@ class ADPOCollator:
         self.chat_template = getattr(processor, "chat_template", None) or self.tokenizer.chat_template
         self.image_token = getattr(processor, "image_token", None)
         self.image_token_id = _token_id(self.tokenizer, self.image_token)
+        self._mismatch_logged = False
         self.min_image_side = min_image_side(processor) if multimodal else 1
         # The processor's own convention for the target text (PaliGemma): it marks the suffix's token types.
         call = inspect.signature(type(processor).__call__).parameters
@@ -108,6 +117,14 @@ class ADPOCollator:
                 raise ValueError("The processor has neither a chat template nor an image token, so prompts cannot "
                                  "place their images.")
         self.image_processor_kwargs = check_image_processor_kwargs(processor, image_processor_kwargs or {})
+        # Special tokens typed into a row's text: refused in responses (they would put turn structure into the
+        # scored tokens) and in prompts, except the ones that mark images.
+        specials = _special_tokens(self.tokenizer)
+        self._response_specials = _token_pattern(specials)
+        self._prompt_specials = _token_pattern(specials - self._image_markers())
+        if self.chat_template is not None:
+            # A template whose assistant turn cannot be located fails here, naming the template, not at row 0.
+            self._render("Describe the image.", int(multimodal), "An answer.", None, "chosen")
         if self.tokenizer.pad_token_id is None:
             raise ValueError("The tokenizer has no pad token; set one (e.g. tokenizer.pad_token = eos_token).")
 
@@ -137,6 +154,8 @@ class ADPOCollator:
             images = [self._load(value, row_id, images_field) for value in row_images(row, images_field, row_id)]
             if not images and images_required:
                 raise ADPODataError(row_id, images_field, "has no image (multimodal mode needs at least one per side)")
+        self._refuse_special_tokens(text, text_field, self._prompt_specials, row_id)
+        self._refuse_special_tokens(response, response_field, self._response_specials, row_id)
         prompt, response_text = self._render(text, len(images), response, row_id, text_field)
         if self.chat_template is not None:
             response_ids = self.tokenizer(response_text, add_special_tokens=False)["input_ids"]
@@ -148,6 +167,38 @@ class ADPOCollator:
             # The model would look for image features there ("image features and image tokens do not match").
             raise ADPODataError(row_id, response_field, f"contains the image placeholder {self.image_token}")
         return EncodedSide(prompt, images, response_ids, response)
+
+    def _refuse_special_tokens(
+        self, text: str, field: str, pattern: re.Pattern[str] | None, row_id: int | None
+    ) -> None:
+        found = pattern.search(text) if pattern is not None else None
+        if found is None:
+            return
+        if found.group(0) == self.image_token:
+            # The model would look for image features there ("image features and image tokens do not match").
+            raise ADPODataError(row_id, field, f"contains the image placeholder {self.image_token} (images belong "
+                                "in the prompt)")
+        role = ("the scored response: it would put turn structure (or an image slot) into the tokens that are "
+                "scored; the chat template adds the end-of-turn token itself" if "response" in field else
+                "the prompt: it would change the prompt's turn or image structure")
+        raise ADPODataError(row_id, field, f"contains the special token {found.group(0)!r}, which is not text but "
+                            f"a control token of the model, in {role}")
+
+    def _image_markers(self) -> set[str]:
+        """Special tokens that may appear in a prompt: the image placeholder and what the chat template writes
+        for an image part (e.g. Qwen2-VL's <|vision_start|><|image_pad|><|vision_end|>)."""
+        markers = {self.image_token} if self.image_token else set()
+        if not (self.is_processor and self.chat_template):
+            return markers
+
+        def render(content: list[dict[str, str]]) -> str:
+            return self.processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False)
+        try:
+            with_image = render([{"type": "image"}, {"type": "text", "text": "x"}])
+            without = render([{"type": "text", "text": "x"}])
+        except Exception:  # a template without image parts: only the placeholder
+            return markers
+        return markers | {t for t in _special_tokens(self.tokenizer) if with_image.count(t) > without.count(t)}
 
     def _load(self, value: Any, row_id: int | None, field: str) -> Any:
         try:
@@ -169,16 +220,47 @@ class ADPOCollator:
         if self.is_processor:
             parts = [] if placed else [{"type": "image"}] * n_images
             user = {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
-            assistant = {"role": "assistant", "content": [{"type": "text", "text": response}]}
         else:
             user = {"role": "user", "content": text}
-            assistant = {"role": "assistant", "content": response}
         prompt = self.processor.apply_chat_template([user], add_generation_prompt=True, tokenize=False)
-        full = self.processor.apply_chat_template([user, assistant], tokenize=False)
-        if not full.startswith(prompt):
-            raise ADPODataError(row_id, side, "the chat template does not render the answer as a continuation of "
-                                "the generation prompt, so the response tokens cannot be located")
-        return prompt, full[len(prompt):]
+        full = self._render_turns(user, response)
+        if full.startswith(prompt):
+            return prompt, full[len(prompt):]
+        return prompt, self._response_after_mismatched_prompt(user, prompt, full)
+
+    def _render_turns(self, user: dict[str, Any], response: str) -> str:
+        """The conversation ``user`` → assistant ``response`` as the chat template renders it."""
+        content: Any = [{"type": "text", "text": response}] if self.is_processor else response
+        return self.processor.apply_chat_template([user, {"role": "assistant", "content": content}], tokenize=False)
+
+    def _response_after_mismatched_prompt(self, user: dict[str, Any], prompt: str, full: str) -> str:
+        """The response for templates whose assistant turn does not continue their generation prompt.
+
+        (LLaVA-OneVision renders ``<|im_start|>assistant \n`` before an answer but ``<|im_start|>assistant\n`` as
+        the generation prompt.) The answer rendered with a sentinel in its place splits the assistant turn into
+        its header, the answer and what closes the turn; the response is the answer as rendered plus that close,
+        following the generation prompt, which is what the model sees before it answers.
+        """
+        sentinel = _RESPONSE_SENTINEL
+        marked = self._render_turns(user, sentinel)
+        where = marked.find(sentinel)
+        name = type(self.processor).__name__
+        if where < 0 or marked.count(sentinel) != 1:
+            raise ValueError(f"The chat template of {name} does not render the assistant's text as given (a "
+                             "placeholder answer does not appear in it once), so the response tokens cannot be "
+                             "located. Fix the template, or pass one that renders the assistant turn.")
+        header, close = marked[:where], marked[where + len(sentinel):]
+        if not (full.startswith(header) and full.endswith(close) and len(full) >= len(header) + len(close)):
+            raise ValueError(f"The chat template of {name} renders the assistant turn differently depending on "
+                             "the answer, so the response tokens cannot be located.")
+        if not self._mismatch_logged:
+            self._mismatch_logged = True
+            turn = header[len(os.path.commonprefix([header, prompt])):]
+            generation = prompt[len(os.path.commonprefix([header, prompt])):]
+            logger.info("%s's chat template renders the assistant turn with %r but its generation prompt as %r; "
+                        "the response is the answer and what closes its turn, after the generation prompt.",
+                        name, turn, generation)
+        return full[len(header):]
 
     # ------------------------------------------------------------------ the batch
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -244,6 +326,19 @@ class ADPOCollator:
         return {"input_ids": input_ids, **out_seq, **encoded, RESPONSE_MASK: response_mask}
 
 
+def _special_tokens(tokenizer: PreTrainedTokenizerBase) -> set[str]:
+    """Every special token's text (bos/eos/pad/unk, chat-turn and image tokens), empty strings left out."""
+    tokens = set(getattr(tokenizer, "all_special_tokens", []))
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    tokens |= {str(t) for t in decoder.values() if getattr(t, "special", False)}
+    return {t for t in tokens if t and t.strip()}
+
+
+def _token_pattern(tokens: set[str]) -> re.Pattern[str] | None:
+    # Longest first, so a token that contains another is the one reported.
+    return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True))) if tokens else None
+
+
 def _token_id(tokenizer: PreTrainedTokenizerBase, token: str | None) -> int | None:
     """The id of a special token, or None when the tokenizer does not know it (it would map to unk)."""
     if token is None:
@@ -273,3 +368,20 @@ def check_image_processor_kwargs(processor: Any, kwargs: dict[str, Any]) -> dict
         raise ValueError(f"--image_processor_kwargs {kwargs}: {type(image_processor).__name__} rejects them: "
                          f"{err}") from None
     return kwargs
+
+
+def collator_from_args(
+    processor: Any, rows: RowArguments, *, multimodal: bool, multitask: bool = False
+) -> ADPOCollator:
+    """The collator for ``--multimodal_mode``, ``--separate_images``, ``--max_image_size``,
+    ``--image_processor_kwargs`` and ``--pad_to_multiple_of``: the one factory of both ``adpo-train`` and
+    ``adpo-eval``, so evaluation scores exactly the sequences training optimises."""
+    return ADPOCollator(
+        processor,
+        multimodal=multimodal,
+        separate_images=rows.separate_images,
+        max_image_size=rows.max_image_size,
+        image_processor_kwargs=rows.image_processor_kwargs_dict(),
+        pad_to_multiple_of=rows.pad_to_multiple_of,
+        multitask=multitask,
+    )

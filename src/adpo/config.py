@@ -27,15 +27,19 @@ def runs_on_cpu(use_cpu: bool, bf16: bool = False, fp16: bool = False) -> bool:
 
 
 @dataclass
-class ModelArguments:
+class LoadArguments:
+    """How a model and its reference are loaded: shared by ``adpo-train`` and ``adpo-eval``."""
+
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Model to train: a hub id or a local folder that loads with from_pretrained."},
+        metadata={"help": "The model: a hub id or a local folder that loads with from_pretrained (adpo-eval also "
+                  "takes a PEFT adapter folder, loaded on its base model)."},
     )
     ref_model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Reference model (hub id or folder). Default: a frozen copy of the initial model, or "
-                  "with --use_peft the same model with its adapters disabled."},
+        metadata={"help": "Reference model (hub id or folder). Default in training: a frozen copy of the initial "
+                  "model, or with --use_peft the same model with its adapters disabled; in adpo-eval: an "
+                  "adapter's base model (adapters disabled), none for a full model (reward metrics skipped)."},
     )
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = field(
         default="float32",
@@ -46,6 +50,12 @@ class ModelArguments:
         default=None, metadata={"help": "Attention kernel, e.g. sdpa, eager, flash_attention_2 (default: model's)."}
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom code from the model repository."})
+
+
+@dataclass
+class ModelArguments(LoadArguments):
+    """:class:`LoadArguments` plus what training changes in the model (LoRA, frozen components)."""
+
     use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of the full model."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
@@ -81,26 +91,23 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
+class RowArguments:
+    """Which rows are read and how they become batches: shared by ``adpo-train`` and ``adpo-eval``, so evaluation
+    measures exactly what training optimises (see :func:`adpo.collator.collator_from_args`)."""
+
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "Training rows: a hub dataset id, a folder written by save_to_disk, or a local "
-                  ".json/.jsonl/.parquet/.csv file (image fields there are paths relative to the file)."},
+        metadata={"help": "The rows (training rows for adpo-train): a hub dataset id, a folder written by "
+                  "save_to_disk, or a local .json/.jsonl/.parquet/.csv file (image fields there are paths relative "
+                  "to the file)."},
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
-    dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
-    eval_dataset_name: str | None = field(
-        default=None, metadata={"help": "Evaluation rows (same forms as --dataset_name). Default: --dataset_name."}
-    )
-    eval_split: str | None = field(
-        default=None, metadata={"help": "Split to evaluate on (with --eval_strategy steps|epoch)."}
-    )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of --dataset_name to read."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation rows."})
     multimodal_mode: bool | None = field(
         default=None,
         metadata={"help": "Feed each side's images to the model. Unset: on when the model takes images and the "
-                  "rows carry them. --multimodal_mode false trains text-only (images withheld), e.g. for a "
+                  "rows carry them. --multimodal_mode false withholds the images (text only), e.g. for a "
                   "text-only baseline."},
     )
     separate_images: bool = field(
@@ -124,10 +131,10 @@ class DataArguments:
     )
     on_bad_rows: Literal["error", "skip"] = field(
         default="error",
-        metadata={"help": "A row that cannot be trained on exactly as given (missing or empty field, unreadable "
-                  "image, placeholder/image count mismatch, too long, ...) is checked before training. error: "
-                  "stop, naming the row and field. skip: leave it out and report how many rows were skipped and "
-                  "why (the run still fails if no row is left)."},
+        metadata={"help": "Every row is checked before the model is loaded; a row that cannot be used exactly as "
+                  "given (missing or empty field, unreadable image, placeholder/image count mismatch, too long, "
+                  "...): error: stop, naming the row and field. skip: leave it out and report how many rows were "
+                  "skipped and why (the run still fails if no row is left)."},
     )
     max_length: int | None = field(
         default=None,
@@ -150,10 +157,8 @@ class DataArguments:
             raise ValueError(f"--on_bad_rows must be error or skip, got {self.on_bad_rows!r}.")
         if self.max_image_size is not None and self.max_image_size < 1:
             raise ValueError(f"--max_image_size must be a positive number of pixels, got {self.max_image_size}.")
-        for name in ("max_train_samples", "max_eval_samples"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"--{name} must be at least 1, got {value}.")
+        if self.max_eval_samples is not None and self.max_eval_samples < 1:
+            raise ValueError(f"--max_eval_samples must be at least 1, got {self.max_eval_samples}.")
         self.image_processor_kwargs_dict()  # fail on bad JSON now, not at the first batch
 
     def image_processor_kwargs_dict(self) -> dict[str, Any]:
@@ -170,6 +175,24 @@ class DataArguments:
         if not isinstance(value, dict):
             raise ValueError(f"--image_processor_kwargs must be a JSON object, got {type(value).__name__}.")
         return value
+
+
+@dataclass
+class DataArguments(RowArguments):
+    """:class:`RowArguments` plus the training run's own splits."""
+
+    eval_dataset_name: str | None = field(
+        default=None, metadata={"help": "Evaluation rows (same forms as --dataset_name). Default: --dataset_name."}
+    )
+    eval_split: str | None = field(
+        default=None, metadata={"help": "Split to evaluate on (with --eval_strategy steps|epoch)."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise ValueError(f"--max_train_samples must be at least 1, got {self.max_train_samples}.")
 
 
 @dataclass
@@ -225,6 +248,13 @@ class ADPOConfig(TrainingArguments):
                   "its own positions, attention within each sequence only (so no compute on padding). Unset "
                   "(auto): wherever the model family allows (not Mllama, PaliGemma, Gemma 3: logged once, then "
                   "padded batches); true: an error where it cannot; false: padded batches."},
+    )
+    deduplicate_images: bool = field(
+        default=True,
+        metadata={"help": "Run each distinct image of a batch through the vision tower once and reuse its features "
+                  "wherever it appears (both sides with --separate_images false, text counterfactuals, the same "
+                  "image in several rows); gradients from every use reach the tower. false: encode every "
+                  "occurrence."},
     )
     # Defaults that differ from TrainingArguments'.
     remove_unused_columns: bool = field(

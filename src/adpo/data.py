@@ -1,4 +1,4 @@
-"""Load ADPO rows from the hub, a ``save_to_disk`` folder or a local JSON/JSONL/Parquet/CSV file.
+"""Load ADPO rows from the hub, a ``save_to_disk`` folder, or local JSON/JSONL/CSV/TSV/Parquet files or folders.
 
 A row is ``{response, chosen, chosen_images, rejected, rejected_images}``; text-only rows omit the image fields.
 """
@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,78 +29,260 @@ MULTITASK_IMAGE_FIELDS = ("prompt_images",)  # the standard DPO pair's (``--mult
 ALL_IMAGE_FIELDS = (*IMAGE_FIELDS, *MULTITASK_IMAGE_FIELDS)  # every column whose values are images
 ROW_ID = "_adpo_row"  # original row index, carried through shuffling so errors can name the row
 
-_LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-
 
 class ADPODataError(ValueError):
     """A row that cannot be trained on. The message names the row and the field."""
 
-    def __init__(self, row: int | None, field: str, problem: str) -> None:
+    def __init__(self, row: int | None, field: str | None, problem: str, context: str | None = None) -> None:
         where = f"row {row}" if row is not None else "dataset"
-        super().__init__(f"{where}, field '{field}': {problem}")
-        self.row, self.field, self.problem = row, field, problem
+        message = f"{where}, field '{field}': {problem}" if field else f"{where}: {problem}"
+        super().__init__(f"{context}: {message}" if context else message)
+        self.row, self.field, self.problem, self.context = row, field, problem, context
+
+    def within(self, context: str) -> ADPODataError:
+        """The same error, its message prefixed with where the row comes from (e.g. 'evaluation data')."""
+        return ADPODataError(self.row, self.field, self.problem, context)
+
+
+@dataclass
+class LoadedRows:
+    """A loaded split and the records that could not be read at all (kept out under ``--on_bad_rows skip``)."""
+
+    dataset: Dataset
+    skipped: list[ADPODataError] = field(default_factory=list)
 
 
 def load_adpo_dataset(
-    name: str, split: str = "train", config: str | None = None, max_samples: int | None = None
+    name: str, split: str = "train", config: str | None = None, max_samples: int | None = None,
+    on_bad_rows: str = "error",
 ) -> Dataset:
     """Load one split of ADPO rows, with a ``_adpo_row`` column holding each row's original index.
 
-    Image paths in local files are made absolute (they are relative to the file's folder).
+    See :func:`load_adpo_rows`; records that cannot be read are an error, or (``on_bad_rows="skip"``) left out
+    with a warning.
     """
-    from datasets import DatasetDict, load_dataset, load_from_disk
+    loaded = load_adpo_rows(name, split, config, max_samples, on_bad_rows)
+    if loaded.skipped:
+        logger.warning("%s: left out %d unreadable record(s), e.g. %s", name, len(loaded.skipped), loaded.skipped[0])
+    return loaded.dataset
 
-    path = Path(name)
-    image_root: str | None = None
+
+def load_adpo_rows(
+    name: str, split: str = "train", config: str | None = None, max_samples: int | None = None,
+    on_bad_rows: str = "error",
+) -> LoadedRows:
+    """Load one split of ADPO rows from a local file, a folder of files, a ``save_to_disk`` folder or the hub.
+
+    Local files (``.jsonl``, ``.json``, ``.csv``, ``.tsv``, each optionally ``.gz``, and ``.parquet``) are read
+    record by record (:mod:`adpo.readers`): a malformed record is an :class:`ADPODataError` naming the row, the
+    line and the file, raised at once or (``on_bad_rows="skip"``) returned in ``skipped``. Relative image paths
+    (plain, in lists, or in ``{"bytes": null, "path": ...}`` dicts) are resolved against the folder of the file
+    that holds them. Every row gets a ``_adpo_row`` column with its record index (first ``max_samples`` only).
+    """
+    path = Path(name).expanduser()
     if path.is_file():
-        builder = _LOCAL_FORMATS.get(path.suffix.lower())
-        if builder is None:
-            raise ValueError(f"--dataset_name {name}: unsupported file type {path.suffix!r}; "
-                             f"use one of {', '.join(sorted(_LOCAL_FORMATS))} or a save_to_disk folder.")
-        dataset = load_dataset(builder, data_files=str(path), split="train")
-        image_root = str(path.resolve().parent)
+        loaded = _load_files(name, [path], max_samples, on_bad_rows)
     elif path.is_dir() and _is_saved_dataset(path):
-        dataset = load_from_disk(str(path))
-        if isinstance(dataset, DatasetDict):
-            if split not in dataset:
-                raise ValueError(f"{name} has splits {sorted(dataset)}, not {split!r}: set --dataset_split.")
-            dataset = dataset[split]
+        loaded = LoadedRows(_load_saved(path, split))
+    elif path.is_dir():
+        loaded = _load_files(name, data_files(path, split), max_samples, on_bad_rows)
+    elif _looks_like_a_path(name):
+        raise ValueError(f"--dataset_name {name}: no such file or folder.")
     else:
-        dataset = load_dataset(name, config, split=split)
-    if max_samples is not None:
-        dataset = dataset.select(range(min(max_samples, len(dataset))))
+        loaded = LoadedRows(_load_hub(name, config, split))
+    dataset = loaded.dataset
+    if max_samples is not None and len(dataset) > max_samples:
+        dataset = dataset.select(range(max_samples))
     check_columns(dataset, name)
-    if image_root is not None:
-        dataset = _absolute_image_paths(dataset, image_root)
     if ROW_ID not in dataset.column_names:
         dataset = dataset.add_column(ROW_ID, list(range(len(dataset))))
     logger.info("loaded %d rows from %s (split %s)", len(dataset), name, split)
+    return LoadedRows(dataset, loaded.skipped)
+
+
+def _looks_like_a_path(name: str) -> bool:
+    from .readers import text_format
+
+    # A hub id is "name" or "owner/name"; anything else that does not exist is a mistyped local path.
+    return (name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+            or text_format(Path(name)) is not None or name.lower().endswith(".parquet"))
+
+
+def _load_saved(path: Path, split: str) -> Dataset:
+    from datasets import DatasetDict, load_from_disk
+
+    dataset = load_from_disk(str(path))
+    if isinstance(dataset, DatasetDict):
+        if split not in dataset:
+            raise ValueError(f"{path} has splits {sorted(dataset)}, not {split!r}: set --dataset_split.")
+        dataset = dataset[split]
     return dataset
 
 
+def _load_hub(name: str, config: str | None, split: str) -> Dataset:
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(name, config, split=split)
+    except Exception as err:  # datasets raises many types here (not found, offline, no such split, gated ...)
+        offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in
+                      ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+        hint = (" The hub is offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set) and it is not in the local cache."
+                if offline else "")
+        raise ValueError(f"--dataset_name {name}: not a local file or folder, and loading it from the hub failed "
+                         f"({type(err).__name__}: {err}).{hint}") from None
+
+
+_SPLIT_NAMES = ("train", "training", "test", "testing", "validation", "valid", "val", "dev", "eval")
+
+
+def data_files(folder: Path, split: str) -> list[Path]:
+    """The data files of ``split`` in a folder: files whose path names the split (``train.jsonl``,
+    ``data/train-0001.parquet``, ``test/a.csv``), or, when no file names any split, every file for ``train``."""
+    from .readers import text_format
+
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file()
+             and not any(part.startswith((".", "_")) for part in p.relative_to(folder).parts)
+             and (text_format(p) is not None or p.suffix.lower() == ".parquet")]
+    if not files:
+        raise ValueError(f"{folder} holds no data files (.jsonl, .json, .csv, .tsv, .parquet, optionally .gz) and "
+                         "is not a save_to_disk folder.")
+
+    def names(p: Path, word: str) -> bool:
+        return re.search(rf"(^|[/_.\- ]){re.escape(word)}($|[/_.\- 0-9])", p.relative_to(folder).as_posix().lower())
+
+    matched = [p for p in files if names(p, split.lower())]
+    if matched:
+        return matched
+    if split == "train" and not any(names(p, word) for p in files for word in _SPLIT_NAMES):
+        return files
+    raise ValueError(f"{folder}: no data file names the split {split!r} (files: "
+                     f"{', '.join(p.relative_to(folder).as_posix() for p in files[:10])}); set --dataset_split.")
+
+
+def _load_files(name: str, paths: list[Path], max_samples: int | None, on_bad_rows: str) -> LoadedRows:
+    """Rows of local data files, in order, each file's relative image paths resolved against its folder."""
+    from .readers import read_text_file, text_format
+
+    parquet = [p for p in paths if p.suffix.lower() == ".parquet"]
+    if parquet and len(parquet) != len(paths):
+        raise ValueError(f"--dataset_name {name} mixes Parquet and text files; keep one kind per split.")
+    unsupported = [p for p in paths if p not in parquet and text_format(p) is None]
+    if unsupported:
+        raise ValueError(f"--dataset_name {name}: unsupported file type {unsupported[0].suffix!r}; use .jsonl, "
+                         ".json, .csv, .tsv (optionally .gz), .parquet or a save_to_disk folder.")
+    if parquet:
+        return LoadedRows(_load_parquet(parquet))
+    rows: list[dict[str, Any]] = []
+    skipped: list[ADPODataError] = []
+    for path in paths:
+        if max_samples is not None and len(rows) + len(skipped) >= max_samples:
+            break
+        read = read_text_file(path, first_row=len(rows) + len(skipped))
+        root = str(path.resolve().parent)
+        for index, row in read.rows:
+            rows.append({**row, **_resolved(row, root), ROW_ID: index})
+        skipped += [err for _, err in read.errors]
+    if max_samples is not None:
+        rows = [r for r in rows if r[ROW_ID] < max_samples]
+        skipped = [err for err in skipped if err.row is not None and err.row < max_samples]
+    if skipped and on_bad_rows == "error":
+        raise min(skipped, key=lambda err: err.row or 0)
+    if not rows:
+        raise ValueError(f"--dataset_name {name}: none of its {len(skipped)} records can be read, e.g. {skipped[0]}")
+    return LoadedRows(_from_rows(rows), skipped)
+
+
+def _from_rows(rows: list[dict[str, Any]]) -> Dataset:
+    """A Dataset of dict rows; a column whose type varies across rows is kept as JSON values (each row's own)."""
+    from datasets import Dataset
+
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    return Dataset.from_dict({c: [row.get(c) for row in rows] for c in columns}, on_mixed_types="use_json")
+
+
+def _load_parquet(paths: list[Path]) -> Dataset:
+    from datasets import concatenate_datasets, load_dataset
+
+    parts = []
+    for path in paths:
+        try:
+            part = load_dataset("parquet", data_files=str(path), split="train")
+        except Exception as err:  # pyarrow / datasets errors of a corrupt or truncated file
+            cause = f": {err.__cause__}" if err.__cause__ else ""
+            raise ValueError(f"{path}: cannot read it as Parquet ({type(err).__name__}: {err}{cause}).") from None
+        parts.append(_absolute_image_paths(part, str(path.resolve().parent)))
+    try:
+        return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+    except ValueError as err:
+        raise ValueError(f"the Parquet files {', '.join(map(str, paths))} do not share one schema: {err}") from None
+
+
+_PATH_FIELDS = ALL_IMAGE_FIELDS
+
+
+def _resolved(row: dict[str, Any], root: str) -> dict[str, Any]:
+    """The row's image fields with relative paths made absolute against ``root`` (other values unchanged)."""
+    return {f: resolve_image_paths(row[f], root) for f in _PATH_FIELDS if f in row}
+
+
+def resolve_image_paths(value: Any, root: str) -> Any:
+    """An image field's value with each relative path (a string, or a dict's ``path`` when it has no bytes)
+    joined to ``root``. A CSV cell holding a JSON list is parsed; anything else is returned as it is, for
+    validation to judge."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                return resolve_image_paths(json.loads(text), root)
+            except json.JSONDecodeError:
+                return value
+        return _join(root, value)
+    if isinstance(value, (list, tuple)):
+        return [_join(root, v) if isinstance(v, str) else _resolve_dict(v, root) for v in value]
+    return _resolve_dict(value, root)
+
+
+def _resolve_dict(value: Any, root: str) -> Any:
+    if isinstance(value, dict) and not value.get("bytes") and isinstance(value.get("path"), str):
+        return {**value, "path": _join(root, value["path"])}
+    return value
+
+
+def _join(root: str, path: str) -> str:
+    if not path or "://" in path:
+        return path
+    path = os.path.expanduser(path)
+    return path if os.path.isabs(path) else os.path.join(root, path)
+
+
 def _absolute_image_paths(dataset: Dataset, root: str) -> Dataset:
-    """Resolve relative image paths in a local file's rows against the file's folder.
+    """Resolve relative image paths in a Parquet file's rows against the file's folder (plain paths, lists of
+    paths, and ``Image`` features whose rows hold a path without bytes); encoded images pass through."""
+    from datasets import Image, List, Sequence
 
-    Only columns that store paths (strings, or lists of strings) are touched; encoded images pass through.
-    """
-    fields = [f for f in ALL_IMAGE_FIELDS if f in dataset.column_names and _stores_paths(dataset.features[f])]
-
-    def resolve(row: dict[str, Any], idx: int) -> dict[str, Any]:
-        return {
-            field: [v if os.path.isabs(v) else os.path.join(root, v) for v in row_images(row, field, idx)]
-            for field in fields
-        }
-
+    fields = []
+    for name in _PATH_FIELDS:
+        feature = dataset.features.get(name)
+        inner = getattr(feature, "feature", feature)
+        if isinstance(inner, Image):
+            # Keep the stored bytes/paths (validation hands them to adpo.images undecoded anyway).
+            dataset = dataset.cast_column(name, List(Image(decode=False)) if isinstance(feature, (List, Sequence))
+                                          else Image(decode=False))
+        if feature is not None and _stores_paths(inner):
+            fields.append(name)
     if not fields:
         return dataset
-    return dataset.map(resolve, with_indices=True, desc="resolving image paths")
+    return dataset.map(lambda row: {f: resolve_image_paths(row[f], root) for f in fields},
+                       desc="resolving image paths")
 
 
 def _stores_paths(feature: Any) -> bool:
-    from datasets import Value
+    from datasets import Image, Value
 
-    inner = getattr(feature, "feature", feature)  # List(Value("string")) or Value("string")
-    return isinstance(inner, Value) and inner.dtype in ("string", "large_string")
+    return isinstance(feature, Image) or isinstance(feature, Value) and feature.dtype in ("string", "large_string")
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -165,6 +349,10 @@ def row_images(row: dict[str, Any], field: str, row_id: int | None) -> list[Any]
             value = [value] if value else []
     if isinstance(value, dict) or not isinstance(value, (list, tuple)):
         raise ADPODataError(row_id, field, f"must be a list of images, got {type(value).__name__}")
+    for position, item in enumerate(value, start=1):
+        if item is None:
+            raise ADPODataError(row_id, field, f"image {position} of {len(value)} is null (an image list holds "
+                                "paths or images; leave the entry out)")
     return list(value)
 
 

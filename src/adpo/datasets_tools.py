@@ -116,7 +116,11 @@ def rows_to_dataset(
     return dataset
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m adpo.datasets_tools
+    import sys
+
+    # The CLI imports this module by name: hand it this copy, so the module is not executed a second time.
+    sys.modules.setdefault("adpo.datasets_tools", sys.modules[__name__])
     from .cli.datasets_tools import main
 
     raise SystemExit(main())

@@ -21,7 +21,8 @@ import csv
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,35 +30,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .collator import RESPONSE_MASK, ROW_IDS, ADPOCollator
-from .config import ModelArguments
-from .data import ROW_ID, iter_batches, load_adpo_dataset
-from .logprobs import response_logps
+from .collator import RESPONSE_MASK, ROW_IDS, ADPOCollator, collator_from_args
+from .config import LoadArguments, RowArguments
+from .data import ROW_ID, iter_batches, load_adpo_rows
+from .logprobs import choose_lm_head, response_logps
+from .modeling import is_vision_model, load_model, load_processor_for
+from .validate import validate_dataset
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class EvalArguments:
-    model_name_or_path: str = field(
-        metadata={"help": "Model to evaluate: a full model folder/hub id, or a PEFT adapter folder."}
-    )
-    dataset_name: str = field(
-        metadata={"help": "Evaluation rows: hub id, save_to_disk folder, or .json/.jsonl/.parquet/.csv file."}
-    )
-    dataset_split: str = field(default="train", metadata={"help": "Split to evaluate."})
-    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate only the first N rows."})
-    ref_model_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "Reference for reward metrics. Default: an adapter's base model (adapters disabled); "
-                  "none for a full model (reward metrics are then skipped)."},
-    )
-    multimodal_mode: bool | None = field(
-        default=None,
-        metadata={"help": "Feed the rows' images to the model. Unset: on when the model takes images and the rows "
-                  "carry them; false evaluates text-only (e.g. a text-only baseline)."},
-    )
+    """``adpo-eval``'s own flags. The model and the rows are described by the same dataclasses as in training
+    (:class:`adpo.config.LoadArguments`, :class:`adpo.config.RowArguments`), so both read rows the same way."""
+
     compare: str | None = field(
         default=None, metadata={"help": "A second model (e.g. a text-only baseline) evaluated side by side."}
     )
@@ -77,13 +64,6 @@ class EvalArguments:
     image_ablation: bool = field(
         default=True, metadata={"help": "Also score each prompt without its images (one more forward per batch)."}
     )
-    separate_images: bool = field(
-        default=True, metadata={"help": "Use rejected_images for the rejected prompt (as in training)."}
-    )
-    max_image_size: int | None = field(
-        default=None, metadata={"help": "Downscale images to at most this many pixels on the longest edge."}
-    )
-    dtype: str = field(default="float32", metadata={"help": "dtype to load the weights in (float32, bfloat16...)."})
     device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available, else cpu)."})
     output_dir: str = field(default="adpo-eval", metadata={"help": "Folder for rows.csv, summary.json, plots."})
 
@@ -107,96 +87,112 @@ class LoadedModel:
 
 
 # ---------------------------------------------------------------------------------------------------- loading
-def load_for_eval(path: str, ref_path: str | None = None, dtype: str = "float32") -> LoadedModel:
-    """Load a full model or a PEFT adapter folder (on its base model), and the reference if there is one."""
-    from .modeling import load_model_and_processor
+def adapter_base(path: str) -> str | None:
+    """The base model of a PEFT adapter folder; None for a full model."""
+    if not (Path(path) / "adapter_config.json").exists():
+        return None
+    from peft import PeftConfig
 
-    args = ModelArguments(model_name_or_path=path, dtype=dtype)
-    if (Path(path) / "adapter_config.json").exists():
-        from peft import PeftConfig, PeftModel
+    return PeftConfig.from_pretrained(path).base_model_name_or_path
 
-        base = PeftConfig.from_pretrained(path).base_model_name_or_path
-        base_model, processor = load_model_and_processor(ModelArguments(model_name_or_path=base, dtype=dtype))
-        processor = _processor_from(path) or processor  # adpo-train saves the processor with the adapter
-        model = PeftModel.from_pretrained(base_model, path)
-        adapter_reference = ref_path is None
+
+def load_eval_processor(args: LoadArguments) -> Any:
+    """The processor of a full model, or of an adapter folder: the one ``adpo-train`` saved next to the adapter,
+    else its base model's. No weights are read."""
+    path = args.model_name_or_path
+    base = adapter_base(path) if path else None
+    if base is None:
+        return load_processor_for(args)
+    folder = Path(path)
+    vision = is_vision_model(base, args.trust_remote_code)
+    saved = [folder / name for name in (("processor_config.json", "preprocessor_config.json") if vision
+                                        else ("tokenizer_config.json",))]
+    return load_processor_for(replace(args, model_name_or_path=base),
+                              saved_in=path if any(f.exists() for f in saved) else None)
+
+
+def load_for_eval(args: LoadArguments, processor: Any | None = None) -> LoadedModel:
+    """Load a full model or a PEFT adapter folder (on its base model), and ``--ref_model_name_or_path`` if set,
+    with the same loading flags as training (dtype, attention kernel, remote code)."""
+    if processor is None:
+        processor = load_eval_processor(args)
+    base = adapter_base(args.model_name_or_path)
+    if base is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(load_model(replace(args, model_name_or_path=base)), args.model_name_or_path)
+        adapter_reference = args.ref_model_name_or_path is None
     else:
-        model, processor = load_model_and_processor(args)
+        model = load_model(args)
         adapter_reference = False
     reference = None
-    if ref_path is not None:
-        reference, _ = load_model_and_processor(ModelArguments(model_name_or_path=ref_path, dtype=dtype))
+    if args.ref_model_name_or_path is not None:
+        reference = load_model(replace(args, model_name_or_path=args.ref_model_name_or_path))
     for m in (model, reference):
         if m is not None:
             m.eval()
     return LoadedModel(model, processor, reference, adapter_reference)
 
 
-def _processor_from(path: str) -> Any | None:
-    from transformers import AutoProcessor, AutoTokenizer
-
-    folder = Path(path)
-    if (folder / "processor_config.json").exists() or (folder / "preprocessor_config.json").exists():
-        return AutoProcessor.from_pretrained(path)
-    if (folder / "tokenizer_config.json").exists():
-        return AutoTokenizer.from_pretrained(path)
-    return None
-
-
 # ---------------------------------------------------------------------------------------------------- scoring
 @torch.no_grad()
 def pair_logps(
-    model: nn.Module, collator: ADPOCollator, rows: list[dict[str, Any]], device: torch.device
+    model: nn.Module, collator: ADPOCollator, rows: list[dict[str, Any]], device: torch.device,
+    heads: dict[int, bool] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) summed response log-probs, each (B,) fp32 on the CPU, for ``rows``."""
+    """(chosen, rejected) summed response log-probs, each (B,) fp32 on the CPU, for ``rows``.
+
+    ``heads``: the LM head chosen for each model (by ``id``), filled on its first batch
+    (:func:`adpo.logprobs.choose_lm_head`); without it every call chooses again."""
     batch = collator(rows)
     mask = batch.pop(RESPONSE_MASK).to(device)
     batch.pop(ROW_IDS)
     inputs = {k: v.to(device) for k, v in batch.items()}
     head = model.get_output_embeddings()
-    chosen, rejected = response_logps(model, head, inputs, mask).sums.cpu().chunk(2)
+    heads = {} if heads is None else heads
+    if id(model) not in heads:
+        heads[id(model)] = choose_lm_head(model, head, inputs, mask).fused
+    chosen, rejected = response_logps(model, head, inputs, mask, fused=heads[id(model)]).sums.cpu().chunk(2)
     return chosen, rejected
 
 
 def reference_pair_logps(
-    loaded: LoadedModel, collator: ADPOCollator, rows: list[dict[str, Any]], device: torch.device
+    loaded: LoadedModel, collator: ADPOCollator, rows: list[dict[str, Any]], device: torch.device,
+    heads: dict[int, bool] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     if loaded.reference is not None:
-        return pair_logps(loaded.reference, collator, rows, device)
+        return pair_logps(loaded.reference, collator, rows, device, heads)
     if loaded.adapter_reference:
         with loaded.model.disable_adapter():
-            return pair_logps(loaded.model, collator, rows, device)
+            return pair_logps(loaded.model, collator, rows, device, heads)
     return None
 
 
 def score_rows(
     loaded: LoadedModel,
     dataset: Any,
+    collator: ADPOCollator,
     *,
-    multimodal: bool,
+    text_collator: ADPOCollator | None = None,
     beta: float = 0.1,
     batch_size: int = 8,
-    image_ablation: bool = True,
     group_by: list[str] | None = None,
-    separate_images: bool = True,
-    max_image_size: int | None = None,
     device: torch.device | None = None,
     desc: str = "evaluating",
 ) -> list[dict[str, Any]]:
-    """One record per row: log-probs of both sides, and rewards / image-ablation log-probs when available."""
+    """One record per row: log-probs of both sides, rewards when there is a reference, and with ``text_collator``
+    (the same rows without their images) the image-ablation log-probs."""
     device = device or torch.device("cpu")
     for m in (loaded.model, loaded.reference):
         if m is not None:
             m.to(device)
-    collator = ADPOCollator(loaded.processor, multimodal=multimodal, separate_images=separate_images,
-                            max_image_size=max_image_size)
-    text_collator = ADPOCollator(loaded.processor, multimodal=False) if multimodal and image_ablation else None
     records: list[dict[str, Any]] = []
+    heads: dict[int, bool] = {}  # the LM head of each model, chosen on the first batch
     progress = tqdm(total=len(dataset), desc=desc, unit="pair")
     for rows in iter_batches(dataset, batch_size):
-        chosen, rejected = pair_logps(loaded.model, collator, rows, device)
-        ref = reference_pair_logps(loaded, collator, rows, device)
-        blind = pair_logps(loaded.model, text_collator, rows, device) if text_collator else None
+        chosen, rejected = pair_logps(loaded.model, collator, rows, device, heads)
+        ref = reference_pair_logps(loaded, collator, rows, device, heads)
+        blind = pair_logps(loaded.model, text_collator, rows, device, heads) if text_collator else None
         for i, row in enumerate(rows):
             record: dict[str, Any] = {"row": row.get(ROW_ID, len(records))}
             record |= {g: row.get(g) for g in group_by or []}
@@ -287,43 +283,65 @@ def write_rows_csv(records_by_model: dict[str, list[dict[str, Any]]], path: Path
                 writer.writerow({"model": label, **record})
 
 
-def evaluate(args: EvalArguments) -> dict[str, Any]:
-    """Evaluate ``args.model_name_or_path`` (and ``args.compare``); write the outputs; return the summaries."""
+def evaluate(model: LoadArguments, rows: RowArguments, args: EvalArguments) -> dict[str, Any]:
+    """Evaluate ``model`` (and ``args.compare``) on ``rows``; write the outputs; return the summaries.
+
+    Rows are read, checked and collated exactly as in training (one collator factory, the same validation), and
+    each model's rows are checked with its processor before its weights are loaded.
+    """
     from .pipeline import resolve_multimodal
 
-    dataset = load_adpo_dataset(args.dataset_name, args.dataset_split, args.dataset_config, args.max_eval_samples)
+    if not rows.dataset_name:
+        raise ValueError("--dataset_name is required (hub id, save_to_disk folder, or .json/.jsonl/.parquet/.csv).")
+    if not model.model_name_or_path:
+        raise ValueError("--model_name_or_path is required (a model folder, hub id or PEFT adapter folder).")
+    loaded_rows = load_adpo_rows(rows.dataset_name, rows.dataset_split, rows.dataset_config, rows.max_eval_samples,
+                                 rows.on_bad_rows)
+    dataset = loaded_rows.dataset
     group_by = [c.strip() for c in (args.group_by or "").split(",") if c.strip()]
     missing = [c for c in group_by if c not in dataset.column_names]
     if missing:
         raise ValueError(f"--group_by: the dataset has no column {missing[0]!r} (columns: {dataset.column_names}).")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    runs = [(args.label, args.model_name_or_path, args.ref_model_name_or_path, args.multimodal_mode)]
+    runs = [(args.label, model, rows.multimodal_mode)]
     if args.compare:
-        ref = args.compare_ref_model_name_or_path or args.ref_model_name_or_path
-        runs.append((args.compare_label, args.compare, ref, args.compare_multimodal_mode))
+        ref = args.compare_ref_model_name_or_path or model.ref_model_name_or_path
+        runs.append((args.compare_label, replace(model, model_name_or_path=args.compare, ref_model_name_or_path=ref),
+                     args.compare_multimodal_mode))
     records: dict[str, list[dict[str, Any]]] = {}
     summaries: dict[str, Any] = {}
-    for label, path, ref_path, flag in runs:
-        loaded = load_for_eval(path, ref_path, args.dtype)
-        multimodal = resolve_multimodal(flag, loaded.processor, dataset)
-        records[label] = score_rows(
-            loaded, dataset, multimodal=multimodal, beta=args.beta, batch_size=args.batch_size,
-            image_ablation=args.image_ablation, group_by=group_by, separate_images=args.separate_images,
-            max_image_size=args.max_image_size, device=device, desc=f"evaluating {label}",
+    skipped: dict[str, str] = {}
+    for label, load, flag in runs:
+        processor = load_eval_processor(load)
+        multimodal = resolve_multimodal(flag, processor, dataset)
+        collator = collator_from_args(processor, rows, multimodal=multimodal)
+        checked, validation = validate_dataset(
+            dataset, collator, on_bad_rows=rows.on_bad_rows, max_length=rows.max_length,
+            max_response_length=rows.max_response_length, name="eval", unreadable=loaded_rows.skipped,
+            identical_sides_ok=True,  # sides the model cannot tell apart are a tie, which is what we measure
         )
-        summaries[label] = {"model": path, "reference": ref_path or ("adapter base" if loaded.adapter_reference
-                                                                      else None),
-                            "multimodal": multimodal, **summarise(records[label], group_by)}
+        if validation.n_skipped:
+            skipped[label] = validation.summary()
+        ablation = multimodal and args.image_ablation
+        text_collator = collator_from_args(processor, rows, multimodal=False) if ablation else None
+        loaded = load_for_eval(load, processor)
+        records[label] = score_rows(
+            loaded, checked, collator, text_collator=text_collator, beta=args.beta, batch_size=args.batch_size,
+            group_by=group_by, device=device, desc=f"evaluating {label}",
+        )
+        reference = load.ref_model_name_or_path or ("adapter base" if loaded.adapter_reference else None)
+        summaries[label] = {"model": load.model_name_or_path, "reference": reference, "multimodal": multimodal,
+                            "skipped_rows": validation.n_skipped, **summarise(records[label], group_by)}
         del loaded
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_rows_csv(records, out / "rows.csv")
-    report = {"dataset": args.dataset_name, "split": args.dataset_split, "beta": args.beta, "models": summaries}
+    report = {"dataset": rows.dataset_name, "split": rows.dataset_split, "beta": args.beta, "models": summaries}
     (out / "summary.json").write_text(json.dumps(report, indent=2))
     from .plots import plot_evaluation
 
     plot_evaluation(summaries, records, out / "evaluation.png", group_by=group_by)
-    return report
+    return {**report, "skipped": skipped}
 
 
 def format_summary(report: dict[str, Any]) -> str:
@@ -336,7 +354,9 @@ def format_summary(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m adpo.evaluate
+    # The CLI imports this module by name: hand it this copy, so the module is not executed a second time.
+    sys.modules.setdefault("adpo.evaluate", sys.modules[__name__])
     from .cli.evaluate import run
 
     run()

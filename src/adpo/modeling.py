@@ -17,29 +17,36 @@ from transformers import (
 )
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from .config import ModelArguments
+from .config import LoadArguments, ModelArguments
 from .processing import load_processor
 
 logger = logging.getLogger(__name__)
 
 # Component names users write → where each family keeps that component (module paths relative to the model).
-# The first path that exists in a model wins, so the table is keyed on the model's structure, not its name.
-# A component never includes another component nested inside it (Qwen's merger sits inside model.visual).
-# Verified on transformers 5.24 for every family in adpo.testing.tiny.FAMILIES (tests/test_families.py).
-COMPONENTS: dict[str, tuple[str, ...]] = {
+# Each entry is one layout: a path, or a tuple of paths whose first names the component and whose others belong
+# to it where the model has them. The first layout whose first path exists in a model wins, so the table is keyed
+# on the model's structure, not its name. A component never includes another component nested inside it (the
+# Qwen-VL and GLM-4V merger sits inside model.visual). Verified on transformers 5.24 for every family in
+# adpo.testing.tiny.FAMILIES and every model type in tests/test_families.py's SUPPORTED_MODEL_TYPES.
+Layout = str | tuple[str, ...]
+COMPONENTS: dict[str, tuple[Layout, ...]] = {
     "vision_tower": (
-        "model.vision_model",  # Idefics3 / SmolVLM, Mllama
-        "model.vision_tower",  # LLaVA, LLaVA-NeXT, Gemma 3, PaliGemma
-        "model.visual",  # Qwen2-VL, Qwen2.5-VL (without its merger, the mm_projector)
+        "model.vision_model",  # Idefics3 / SmolVLM / SmolVLM2, Mllama
+        "model.vision_tower",  # LLaVA(-NeXT/-OneVision), Gemma 3/3n/4, PaliGemma, InternVL, Aya, Mistral 3, LFM2-VL
+        "model.visual",  # Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, GLM-4V (without the merger: the mm_projector)
+        "vision_model",  # Llama 4 (its pixel-shuffle vision_adapter included)
     ),
     "mm_projector": (
-        "model.connector",  # Idefics3 / SmolVLM
-        "model.multi_modal_projector",  # LLaVA, LLaVA-NeXT, Mllama (a single Linear), Gemma 3 (no Linear), PaliGemma
-        "model.visual.merger",  # Qwen2-VL, Qwen2.5-VL
+        "model.connector",  # Idefics3 / SmolVLM / SmolVLM2
+        "model.multi_modal_projector",  # LLaVA family, Mllama, Gemma 3 (no Linear), PaliGemma, InternVL, Aya, ...
+        ("model.visual.merger", "model.visual.deepstack_merger_list"),  # Qwen-VL (Qwen3-VL: + DeepStack), GLM-4V
+        "model.embed_vision",  # Gemma 3n, Gemma 4
+        "multi_modal_projector",  # Llama 4
     ),
     "language_model": (
-        "model.text_model",  # Idefics3 / SmolVLM
-        "model.language_model",  # LLaVA, LLaVA-NeXT, Mllama, Qwen2-VL, Gemma 3, PaliGemma
+        "model.text_model",  # Idefics3 / SmolVLM / SmolVLM2
+        "model.language_model",  # the other image-text families
+        "language_model.model",  # Llama 4 (its language_model holds the LM head)
         "model",  # text-only causal LMs (Llama, Mistral, ...): everything but the LM head
     ),
 }
@@ -51,27 +58,47 @@ def is_vision_model(model_name_or_path: str, trust_remote_code: bool = False) ->
     return getattr(config, "vision_config", None) is not None
 
 
-def load_model_and_processor(args: ModelArguments) -> tuple[PreTrainedModel, Any]:
+def load_model_and_processor(args: LoadArguments) -> tuple[PreTrainedModel, Any]:
     """Load the policy and its processor (image-text models) or tokenizer (text-only models)."""
-    if not args.model_name_or_path:
-        raise ValueError("--model_name_or_path is required (a hub id or a local folder).")
-    kwargs: dict[str, Any] = {"trust_remote_code": args.trust_remote_code}
-    if args.dtype != "auto":
-        kwargs["dtype"] = getattr(torch, args.dtype)
-    if args.attn_implementation:
-        kwargs["attn_implementation"] = args.attn_implementation
+    return load_model(args), load_processor_for(args)
+
+
+def load_processor_for(args: LoadArguments, saved_in: str | None = None) -> Any:
+    """The processor (image-text models) or tokenizer (text-only models) of ``args.model_name_or_path``, with a
+    pad token. Cheap: no weights are read, so rows can be checked before the model is loaded.
+
+    ``saved_in``: the folder to read it from when not the model's own (a PEFT adapter folder).
+    """
+    _require_model(args)
+    source = saved_in or args.model_name_or_path
     if is_vision_model(args.model_name_or_path, args.trust_remote_code):
-        model = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path, **kwargs)
-        processor = load_processor(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+        processor = load_processor(source, trust_remote_code=args.trust_remote_code)
     else:
-        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **kwargs)
-        processor = AutoTokenizer.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+        processor = AutoTokenizer.from_pretrained(source, trust_remote_code=args.trust_remote_code)
     tokenizer = getattr(processor, "tokenizer", processor)
     if tokenizer.pad_token is None:
         # Pad ids are masked out everywhere; any existing token will do.
         tokenizer.pad_token = tokenizer.eos_token
         logger.info("tokenizer has no pad token; using eos %r", tokenizer.eos_token)
-    return model, processor
+    return processor
+
+
+def load_model(args: LoadArguments) -> PreTrainedModel:
+    """The model's weights, with ``--dtype``, ``--attn_implementation`` and ``--trust_remote_code``."""
+    _require_model(args)
+    kwargs: dict[str, Any] = {"trust_remote_code": args.trust_remote_code}
+    if args.dtype != "auto":
+        kwargs["dtype"] = getattr(torch, args.dtype)
+    if args.attn_implementation:
+        kwargs["attn_implementation"] = args.attn_implementation
+    vision = is_vision_model(args.model_name_or_path, args.trust_remote_code)
+    auto_class = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+    return auto_class.from_pretrained(args.model_name_or_path, **kwargs)
+
+
+def _require_model(args: LoadArguments) -> None:
+    if not args.model_name_or_path:
+        raise ValueError("--model_name_or_path is required (a hub id or a local folder).")
 
 
 def load_reference(args: ModelArguments, model: PreTrainedModel) -> PreTrainedModel | None:
@@ -95,21 +122,36 @@ def load_reference(args: ModelArguments, model: PreTrainedModel) -> PreTrainedMo
     return ref
 
 
-def component_path(model: nn.Module, name: str) -> str | None:
-    """Where ``model`` keeps component ``name`` (a key of :data:`COMPONENTS`), or None if it has none."""
+def component_paths(model: nn.Module, name: str) -> list[str]:
+    """Where ``model`` keeps component ``name`` (a key of :data:`COMPONENTS`): its module paths, [] if it has none."""
     module_names = {n for n, _ in model.named_modules()}
-    return next((p for p in COMPONENTS[name] if p in module_names), None)
+    for layout in COMPONENTS[name]:
+        paths = (layout,) if isinstance(layout, str) else layout
+        if paths[0] in module_names:
+            return [p for p in paths if p in module_names]
+    return []
+
+
+def component_path(model: nn.Module, name: str) -> str | None:
+    """The main module path of component ``name`` in ``model`` (see :func:`component_paths`), or None."""
+    paths = component_paths(model, name)
+    return paths[0] if paths else None
 
 
 def component_modules(model: nn.Module, name: str) -> dict[str, nn.Module]:
-    """The modules of component ``name`` (its root included), without other components nested inside it."""
-    path = component_path(model, name)
-    if path is None:
-        raise ValueError(f"{type(model).__name__} has no {name} (looked for {', '.join(COMPONENTS[name])}).")
-    nested = [p for other in COMPONENTS if other != name and (p := component_path(model, other))
-              and p.startswith(path + ".")]
+    """The modules of component ``name`` (its roots included), without other components nested inside it."""
+    paths = component_paths(model, name)
+    if not paths:
+        looked = ", ".join(p if isinstance(p, str) else p[0] for p in COMPONENTS[name])
+        raise ValueError(f"{type(model).__name__} has no {name} (looked for {looked}).")
+    nested = [p for other in COMPONENTS if other != name for p in component_paths(model, other)
+              if any(p.startswith(path + ".") for path in paths)]
     return {n: m for n, m in model.named_modules()
-            if (n == path or n.startswith(path + ".")) and not any(n == p or n.startswith(p + ".") for p in nested)}
+            if any(_under(n, path) for path in paths) and not any(_under(n, p) for p in nested)}
+
+
+def _under(name: str, path: str) -> bool:
+    return name == path or name.startswith(path + ".")
 
 
 def resolve_components(model: nn.Module, names: list[str]) -> list[str]:
@@ -133,7 +175,7 @@ def freeze_components(model: nn.Module, names: list[str]) -> int:
                 if param.requires_grad:
                     param.requires_grad_(False)
                     frozen += param.numel()
-        logger.info("froze %s (%s)", name, component_path(model, name))
+        logger.info("froze %s (%s)", name, ", ".join(component_paths(model, name)))
     return frozen
 
 
@@ -166,8 +208,31 @@ def lora_targets(model: nn.Module, spec: str | None) -> list[str] | str:
 
 def lora_modules_to_save(model: nn.Module, spec: str | None) -> list[str]:
     """Named components with no Linear layer for LoRA (Gemma 3's projector): PEFT trains and saves them whole."""
-    return [component_path(model, name) for name in _split(spec) if name in COMPONENTS
-            and not any(isinstance(m, nn.Linear) for m in component_modules(model, name).values())]
+    return [path for name in _split(spec) if name in COMPONENTS
+            and not any(isinstance(m, nn.Linear) for m in component_modules(model, name).values())
+            for path in component_paths(model, name)]
+
+
+def enable_vision_input_grads(model: nn.Module) -> list[Any]:
+    """Make the vision tower's floating-point inputs (pixel values) require grad, on a copy.
+
+    Re-entrant gradient checkpointing only back-propagates into a checkpointed block whose input requires grad.
+    With LoRA the patch embedding is frozen, so in towers whose embedding ``enable_input_require_grads`` does not
+    find (Qwen3-VL's, GLM-4V's, ...) no LoRA layer of the tower would get a gradient. Returns the hook handles.
+    """
+    handles = []
+    for path in component_paths(model, "vision_tower")[:1]:
+        tower = model.get_submodule(path)
+
+        def require_grad(_: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            def copy(value: Any) -> Any:
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and not value.requires_grad:
+                    return value.detach().requires_grad_(True)
+                return value
+            return tuple(copy(a) for a in args), {k: copy(v) for k, v in kwargs.items()}
+
+        handles.append(tower.register_forward_pre_hook(require_grad, with_kwargs=True))
+    return handles
 
 
 def _split(spec: str | None) -> list[str]:

@@ -7,11 +7,19 @@ from typing import Any
 
 from datasets import Dataset
 
-from .collator import ADPOCollator
+from .collator import ADPOCollator, collator_from_args
 from .config import ADPOConfig, DataArguments, ModelArguments
-from .data import IMAGE_FIELDS, check_multitask_columns, has_images, load_adpo_dataset
-from .modeling import apply_lora, freeze_components, load_model_and_processor, load_reference
+from .data import IMAGE_FIELDS, ADPODataError, check_multitask_columns, has_images, load_adpo_rows
+from .modeling import (
+    apply_lora,
+    enable_vision_input_grads,
+    freeze_components,
+    load_model,
+    load_processor_for,
+    load_reference,
+)
 from .output_dir import check_output_dir
+from .preflight import preflight
 from .trainer import ADPOTrainer
 from .validate import validate_splits
 
@@ -23,6 +31,10 @@ def resolve_multimodal(flag: bool | None, processor: Any, dataset: Dataset) -> b
     takes_images = getattr(processor, "image_processor", None) is not None
     if flag is None:
         flag = takes_images and has_images(dataset)
+        if has_images(dataset) and not takes_images:
+            # Rows whose sides differ only in their images are then refused (or counted and skipped) in validation.
+            logger.warning("the model takes no images: the rows' chosen_images/rejected_images are ignored "
+                           "(text only)")
         logger.info("multimodal mode %s (model takes images: %s, rows carry images: %s)",
                     "on" if flag else "off", takes_images, has_images(dataset))
     elif flag and not has_images(dataset):
@@ -61,44 +73,44 @@ def build_trainer(
     if not data_args.dataset_name:
         raise ValueError("--dataset_name is required (hub id, save_to_disk folder, or .json/.jsonl/.parquet/.csv).")
     check_output_dir(training_args.output_dir, training_args.overwrite_output_dir)
-    train = load_adpo_dataset(
-        data_args.dataset_name, data_args.dataset_split, data_args.dataset_config, data_args.max_train_samples
-    )
+    preflight(model_args, data_args, training_args)  # before anything is loaded
+    loaded = load_adpo_rows(data_args.dataset_name, data_args.dataset_split, data_args.dataset_config,
+                            data_args.max_train_samples, data_args.on_bad_rows)
+    train, unreadable = loaded.dataset, {"train": loaded.skipped}
     eval_dataset = None
     if data_args.eval_split or data_args.eval_dataset_name:
-        eval_dataset = load_adpo_dataset(
-            data_args.eval_dataset_name or data_args.dataset_name,
-            data_args.eval_split or data_args.dataset_split,
-            data_args.dataset_config,
-            data_args.max_eval_samples,
-        )
+        try:
+            loaded = load_adpo_rows(data_args.eval_dataset_name or data_args.dataset_name,
+                                    data_args.eval_split or data_args.dataset_split, data_args.dataset_config,
+                                    data_args.max_eval_samples, data_args.on_bad_rows)
+        except ADPODataError as err:
+            raise err.within("evaluation data") from None
+        except ValueError as err:
+            raise ValueError(f"evaluation data: {err}") from None
+        eval_dataset, unreadable["eval"] = loaded.dataset, loaded.skipped
 
-    model, processor = load_model_and_processor(model_args)
+    # Everything that reads only the rows and the processor comes first: a bad row fails before the weights load.
+    processor = load_processor_for(model_args)
     multimodal = resolve_multimodal(data_args.multimodal_mode, processor, train)
-    collator = ADPOCollator(
-        processor,
-        multimodal=multimodal,
-        separate_images=data_args.separate_images,
-        max_image_size=data_args.max_image_size,
-        image_processor_kwargs=data_args.image_processor_kwargs_dict(),
-        pad_to_multiple_of=data_args.pad_to_multiple_of,
-        multitask=training_args.multitask_weight is not None,
-    )
-    if training_args.multitask_weight is not None:
+    multitask = training_args.multitask_weight is not None
+    collator = collator_from_args(processor, data_args, multimodal=multimodal, multitask=multitask)
+    if multitask:
         check_multitask_columns(train, data_args.dataset_name)
         if eval_dataset is not None:
             check_multitask_columns(eval_dataset, data_args.eval_dataset_name or data_args.dataset_name)
-    train, eval_dataset, reports = validate_splits(train, eval_dataset, collator, data_args)
+    train, eval_dataset, reports = validate_splits(train, eval_dataset, collator, data_args, unreadable)
     if training_args.train_sampling_strategy in ("group_by_length", "batch_rebalance"):
         column = training_args.length_column_name
         if column not in train.column_names:
             train = add_length_column(train, collator, column)
+    model = load_model(model_args)
     ref_model = None if training_args.reference_free else load_reference(model_args, model)
     if model_args.frozen_components():
         freeze_components(model, model_args.frozen_components())
     if model_args.use_peft:
         if training_args.gradient_checkpointing:
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+            enable_vision_input_grads(model)  # ... in the vision tower too, whatever its embedding
         model = apply_lora(model, model_args)
     if training_args.gradient_checkpointing:
         model.config.use_cache = False

@@ -265,7 +265,11 @@ def to_dataset(rows: list[dict[str, Any]]) -> Any:
     return rows_to_dataset(rows)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m adpo.synthetic
+    import sys
+
+    # The CLI imports this module by name: hand it this copy, so the module is not executed a second time.
+    sys.modules.setdefault("adpo.synthetic", sys.modules[__name__])
     from .cli.synthetic import main
 
     raise SystemExit(main())

@@ -24,6 +24,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 from .collator import REF_COUNTS, REF_LOGPS, RESPONSE_MASK, ROW_IDS
 from .config import ADPOConfig
 from .guard import NonFiniteGuard
+from .image_dedup import each_image_once
 from .logprobs import HeadChoice, ResponseLogps, choose_lm_head, response_logps
 from .losses import adpo_loss, multitask_loss
 from .packing import packed_forward, padding_free_decision
@@ -160,14 +161,15 @@ class ADPOTrainer(Trainer):
         role = "reference" if model is self.ref_model else "policy"  # adapters off: the policy's own head
         unwrapped = self.accelerator.unwrap_model(model)
         head = unwrapped.get_output_embeddings()
-        if padding_free_decision(unwrapped, inputs, self.args.padding_free):
-            with packed_forward(unwrapped, inputs, mask) as packed:  # adpo.packing
-                choice = self.lm_head.get(role) or self._choose_lm_head(role, model, packed.inputs,
-                                                                         packed.response_mask)
-                return response_logps(model, head, packed.inputs, packed.response_mask, fused=choice.fused,
-                                      sequence_ids=packed.sequence_ids, num_sequences=mask.shape[0])
-        choice = self.lm_head.get(role) or self._choose_lm_head(role, model, inputs, mask)
-        return response_logps(model, head, inputs, mask, fused=choice.fused)
+        with each_image_once(unwrapped, self.args.deduplicate_images):  # adpo.image_dedup
+            if padding_free_decision(unwrapped, inputs, self.args.padding_free):
+                with packed_forward(unwrapped, inputs, mask) as packed:  # adpo.packing
+                    choice = self.lm_head.get(role) or self._choose_lm_head(role, model, packed.inputs,
+                                                                             packed.response_mask)
+                    return response_logps(model, head, packed.inputs, packed.response_mask, fused=choice.fused,
+                                          sequence_ids=packed.sequence_ids, num_sequences=mask.shape[0])
+            choice = self.lm_head.get(role) or self._choose_lm_head(role, model, inputs, mask)
+            return response_logps(model, head, inputs, mask, fused=choice.fused)
 
     # ------------------------------------------------------------------ loss
     def training_step(

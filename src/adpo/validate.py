@@ -21,7 +21,7 @@ import torch
 from datasets import Dataset, Image, IterableDataset, List, Sequence
 
 from .collator import ADPOCollator, EncodedSide
-from .data import ALL_IMAGE_FIELDS, ROW_ID, ADPODataError, iter_rows
+from .data import ALL_IMAGE_FIELDS, IMAGE_FIELDS, ROW_ID, ADPODataError, iter_rows
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class ValidationReport:
 def reason(err: ADPODataError) -> str:
     """A row error's reason without its specifics: the field and the problem up to its first colon, numbers
     replaced by N (so '2 placeholders but 1 image' and '3 ... but 2' count together)."""
-    return f"{err.field}: {re.sub(r'[0-9]+', 'N', err.problem.split(':')[0]).strip()}"
+    return f"{err.field or 'row'}: {re.sub(r'[0-9]+', 'N', err.problem.split(':')[0]).strip()}"
 
 
 def check_row(
@@ -66,37 +66,67 @@ def check_row(
     collator: ADPOCollator,
     max_length: int | None = None,
     max_response_length: int | None = None,
+    identical_sides_ok: bool = False,
 ) -> None:
-    """Raise :class:`ADPODataError` (naming the row and field) if the row cannot be trained on as given."""
+    """Raise :class:`ADPODataError` (naming the row and field) if the row cannot be trained on as given.
+
+    ``identical_sides_ok``: two sides that are the same input are fine (evaluation: they score a tie).
+    """
     row_id = row.get(ROW_ID)
     chosen = collator.encode_side(row, "chosen")
     rejected = collator.encode_side(row, "rejected")
-    if collator.multitask:  # the row's standard DPO pair is trained on too: its fields and prompt_images
-        collator.encode_dpo_side(row, "chosen")
-        collator.encode_dpo_side(row, "rejected")
     if chosen.response_ids != rejected.response_ids:
         raise ADPODataError(row_id, "response", "tokenises differently after the chosen and the rejected prompt")
-    n_response = len(chosen.response_ids)
-    if max_response_length is not None and n_response > max_response_length:
-        raise ADPODataError(row_id, "response", f"too long: {n_response} tokens, over --max_response_length "
-                            f"{max_response_length} (rows are never truncated)")
+    if not identical_sides_ok and _same_side(chosen, rejected):
+        raise ADPODataError(row_id, "rejected", _identical_sides_problem(row, collator))
+    sides = {"chosen": chosen, "rejected": rejected}
+    if collator.multitask:  # the row's standard DPO pair is trained on too: its fields and prompt_images
+        dpo_chosen, dpo_rejected = collator.encode_dpo_side(row, "chosen"), collator.encode_dpo_side(row, "rejected")
+        if dpo_chosen.response_ids == dpo_rejected.response_ids:
+            raise ADPODataError(row_id, "rejected_response", "is the same as chosen_response: the DPO pair carries "
+                                "no preference")
+        sides |= {"chosen_response": dpo_chosen, "rejected_response": dpo_rejected}
+    for name, side in sides.items():
+        n_response = len(side.response_ids)
+        if max_response_length is not None and n_response > max_response_length:
+            raise ADPODataError(row_id, "response" if name in ("chosen", "rejected") else name,
+                                f"too long: {n_response} tokens, over --max_response_length {max_response_length} "
+                                "(rows are never truncated)")
     if max_length is None:
         return
-    for side, n in zip(("chosen", "rejected"), pair_lengths(collator, chosen, rejected, row_id), strict=True):
+    for name, n in zip(sides, pair_lengths(collator, list(sides.values()), list(sides), row_id), strict=True):
         if n > max_length:
-            raise ADPODataError(row_id, side, f"too long: prompt + response is {n} tokens (image tokens "
+            raise ADPODataError(row_id, name, f"too long: prompt + response is {n} tokens (image tokens "
                                 f"included), over --max_length {max_length} (rows are never truncated)")
 
 
-def pair_lengths(collator: ADPOCollator, chosen: EncodedSide, rejected: EncodedSide, row_id: int | None) -> list[int]:
-    """Exact token counts of both sides (prompt with its expanded image tokens + response), from one processor
-    call, exactly as the collator builds a training batch."""
+def _same_side(a: EncodedSide, b: EncodedSide) -> bool:
+    """Whether two sides are the same input: same prompt text and pixel-identical images."""
+    if a.prompt != b.prompt or len(a.images) != len(b.images):
+        return False
+    return all(x is y or (x.size == y.size and x.mode == y.mode and x.tobytes() == y.tobytes())
+               for x, y in zip(a.images, b.images, strict=True))
+
+
+def _identical_sides_problem(row: dict[str, Any], collator: ADPOCollator) -> str:
+    if not collator.multimodal and any(row.get(f) for f in IMAGE_FIELDS):
+        return ("the two sides differ only in their images, which this run does not use (the model takes no "
+                "images, or --multimodal_mode false): it would train on two identical inputs, which carry no "
+                "signal. Use a vision-language model, or leave such rows out (--on_bad_rows skip)")
+    return "is the same as the chosen side (text and images): the pair carries no signal"
+
+
+def pair_lengths(
+    collator: ADPOCollator, sides: list[EncodedSide], names: list[str], row_id: int | None
+) -> list[int]:
+    """Exact token counts of a row's sides (prompt with its expanded image tokens + response), from one processor
+    call, exactly as the collator builds a training batch. ``names``: each side's field, for errors."""
     try:
-        return _lengths(collator.collate_sides([chosen, rejected]))
+        return _lengths(collator.collate_sides(sides))
     except Exception:
         pass  # find the side to blame, then say which row and field
-    for name, side in (("chosen", chosen), ("rejected", rejected)):
-        field_name = f"{name}_images" if side.images else name
+    for name, side in zip(names, sides, strict=True):
+        field_name = (f"{name}_images" if name in ("chosen", "rejected") else "prompt_images") if side.images else name
         try:
             _lengths(collator.collate_sides([side]))
         except ADPODataError:
@@ -104,7 +134,7 @@ def pair_lengths(collator: ADPOCollator, chosen: EncodedSide, rejected: EncodedS
         except Exception as err:  # the processor refused the side: name the row, not a traceback from its depths
             raise ADPODataError(row_id, field_name, f"the processor cannot encode this side: "
                                 f"{type(err).__name__}: {err}") from None
-    raise ADPODataError(row_id, "chosen", "the processor cannot encode the two sides together")
+    raise ADPODataError(row_id, names[0], "the processor cannot encode the sides together")
 
 
 def _lengths(batch: dict[str, torch.Tensor]) -> list[int]:
@@ -122,6 +152,8 @@ def validate_dataset(
     max_length: int | None = None,
     max_response_length: int | None = None,
     name: str = "train",
+    unreadable: list[ADPODataError] | None = None,
+    identical_sides_ok: bool = False,
 ) -> tuple[Dataset | IterableDataset, ValidationReport]:
     """Check every row; return the rows to train on and a report.
 
@@ -129,16 +161,37 @@ def validate_dataset(
     collator undecoded, so decoding, size checks and shrinking always go through :func:`adpo.images.load_image`
     (validation decodes each image once, with that same loader). A streamed ``IterableDataset`` cannot be read
     twice, so its rows are checked as they stream (its report fills as training reads it).
+
+    ``unreadable``: records the loader could not read (``adpo.data.LoadedRows.skipped``), counted in the report.
+    ``identical_sides_ok``: see :func:`check_row` (``adpo-eval`` scores such rows as ties).
+    Errors in any split but ``train`` say which data they are in (e.g. ``evaluation data: row 3, ...``).
     """
+    try:
+        limits = {"max_length": max_length, "max_response_length": max_response_length,
+                  "identical_sides_ok": identical_sides_ok}
+        return _validate(dataset, collator, on_bad_rows, limits, name, unreadable or [])
+    except ADPODataError as err:
+        context = SPLIT_CONTEXT.get(name, f"{name} data")
+        raise (err.within(context) if context and not err.context else err) from None
+
+
+SPLIT_CONTEXT = {"train": None, "eval": "evaluation data"}  # how errors name a split's rows
+
+
+def _validate(
+    dataset: Dataset | IterableDataset, collator: ADPOCollator, on_bad_rows: str, limits: dict[str, Any], name: str,
+    unreadable: list[ADPODataError],
+) -> tuple[Dataset | IterableDataset, ValidationReport]:
     if on_bad_rows not in ON_BAD_ROWS:
         raise ValueError(f"on_bad_rows must be one of {ON_BAD_ROWS}, got {on_bad_rows!r}")
-    limits = {"max_length": max_length, "max_response_length": max_response_length}
     if isinstance(dataset, IterableDataset):
         return _validate_stream(dataset, collator, on_bad_rows, limits, name)
     if ROW_ID not in dataset.column_names:
         dataset = dataset.add_column(ROW_ID, list(range(len(dataset))))
-    report = ValidationReport(name, total=len(dataset))
-    if report.total == 0:
+    report = ValidationReport(name, total=len(dataset) + len(unreadable))
+    for err in unreadable:
+        report.add(err)
+    if len(dataset) == 0:
         raise ADPODataError(None, "rows", f"the {name} dataset has no rows")
     # Check the rows exactly as training will read them: a copy (so changing its features leaves the caller's
     # dataset alone) that hands images over undecoded.
@@ -160,7 +213,7 @@ def validate_dataset(
 
 
 def _checked(
-    row: dict[str, Any], collator: ADPOCollator, on_bad_rows: str, limits: dict[str, int | None],
+    row: dict[str, Any], collator: ADPOCollator, on_bad_rows: str, limits: dict[str, Any],
     report: ValidationReport,
 ) -> ADPODataError | None:
     """None for a good row; a bad row raises (error mode) or is counted in ``report`` and its error returned."""
@@ -187,7 +240,7 @@ def _stop_decoding_images(dataset: Dataset) -> None:
 
 
 def _validate_stream(
-    dataset: IterableDataset, collator: ADPOCollator, on_bad_rows: str, limits: dict[str, int | None], name: str
+    dataset: IterableDataset, collator: ADPOCollator, on_bad_rows: str, limits: dict[str, Any], name: str
 ) -> tuple[IterableDataset, ValidationReport]:
     report = ValidationReport(name)
     if dataset.features is not None:
@@ -196,7 +249,11 @@ def _validate_stream(
     def keep(row: dict[str, Any], index: int) -> bool:
         row = row if ROW_ID in row else {**row, ROW_ID: index}
         report.total += 1
-        err = _checked(row, collator, on_bad_rows, limits, report)
+        try:
+            err = _checked(row, collator, on_bad_rows, limits, report)
+        except ADPODataError as bad:
+            context = SPLIT_CONTEXT.get(name, f"{name} data")
+            raise (bad.within(context) if context else bad) from None
         if err is not None:
             logger.warning("%s: skipping %s", name, err)
             return False
@@ -211,12 +268,18 @@ def validate_splits(
     eval_dataset: Dataset | IterableDataset | None,
     collator: ADPOCollator,
     data_args: Any,
+    unreadable: dict[str, list[ADPODataError]] | None = None,
 ) -> tuple[Dataset | IterableDataset, Dataset | IterableDataset | None, dict[str, ValidationReport]]:
-    """Validate the training and (if any) evaluation rows with the ``DataArguments`` settings."""
+    """Validate the training and (if any) evaluation rows with the ``DataArguments`` settings.
+
+    ``unreadable``: per split (``train``/``eval``), records the loader left out (counted in the reports)."""
     settings = {"on_bad_rows": data_args.on_bad_rows, "max_length": data_args.max_length,
                 "max_response_length": data_args.max_response_length}
+    unreadable = unreadable or {}
     reports: dict[str, ValidationReport] = {}
-    train, reports["train"] = validate_dataset(train, collator, name="train", **settings)
+    train, reports["train"] = validate_dataset(train, collator, name="train", unreadable=unreadable.get("train"),
+                                               **settings)
     if eval_dataset is not None:
-        eval_dataset, reports["eval"] = validate_dataset(eval_dataset, collator, name="eval", **settings)
+        eval_dataset, reports["eval"] = validate_dataset(eval_dataset, collator, name="eval",
+                                                         unreadable=unreadable.get("eval"), **settings)
     return train, eval_dataset, reports

@@ -6,18 +6,23 @@ import logging
 
 from transformers import HfArgumentParser
 
+from ..config import LoadArguments, RowArguments
 from ..evaluate import EvalArguments, evaluate, format_summary
 from . import run_entry_point
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = HfArgumentParser(EvalArguments, description="Evaluate ADPO models on preference pairs.")
+    parser = HfArgumentParser((LoadArguments, RowArguments, EvalArguments),
+                              description="Evaluate ADPO models on preference pairs, with the rows read, checked and "
+                              "collated exactly as adpo-train does (the same flags mean the same).")
     for action in parser._actions:
         if action.dest in ("multimodal_mode", "compare_multimodal_mode"):
             action.nargs, action.const = "?", True  # a bare flag means true, as in adpo-train
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    model_args, row_args, args = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    report = evaluate(args)
+    report = evaluate(model_args, row_args, args)
+    for label, summary in report["skipped"].items():
+        print(f"adpo-eval ({label}): {summary}")
     print(format_summary(report))
     print(f"adpo-eval: wrote rows.csv, summary.json and evaluation.png to {args.output_dir}")
     return 0

@@ -556,6 +556,107 @@ def build_tiny_paligemma(
     return _save(PaliGemmaForConditionalGeneration(config), processor, path, "PaliGemma")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Families of 2025-2026 (transformers 5.x AutoModelForImageTextToText).
+# ---------------------------------------------------------------------------------------------------------------
+
+# Qwen/Qwen3-VL-8B-Instruct (tools and video left out): ChatML, no default system prompt.
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Qwen/Qwen3.5 (thinking on by default): the generation prompt opens a thinking block; the last assistant turn is
+# rendered with its (empty) thinking block closed, so the response after the generation prompt starts with
+# "\n</think>\n\n".
+QWEN3_5_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\n<think>\n\n</think>\n\n' }}{% else %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% endif %}{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}{% elif content['type'] == 'text' %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\n\n</think>\n\n' }}"
+    "{% else %}{{ '<think>\n' }}{% endif %}{% endif %}"
+)
+
+_QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>", "<think>", "</think>"]
+
+
+def _qwen_tokenizer(extra_text: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    return _tokenizer(_QWEN_SPECIALS, extra_text, vocab_size, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                      extra_special_tokens=_QWEN_SPECIALS[3:])
+
+
+def _qwen_vision_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+    return {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in [
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+
+
+def _build_tiny_qwen3(
+    path: str | Path, version: str, *, patch_size: int = 8, hidden_size: int = 64, num_layers: int = 2,
+    vocab_size: int = 400, min_pixels: int = 16 * 16, max_pixels: int = 32 * 32, seed: int = 0,
+    extra_text: Iterable[str] = (),
+) -> Path:
+    from transformers import Qwen2VLImageProcessorPil, Qwen3VLProcessor
+
+    from adpo.processing import image_only_processor_class
+
+    path = Path(path)
+    tokenizer = _qwen_tokenizer(extra_text, vocab_size)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=patch_size,
+                                               merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    template = QWEN3_VL_CHAT_TEMPLATE if version == "3-VL" else QWEN3_5_CHAT_TEMPLATE
+    processor = image_only_processor_class(Qwen3VLProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=template
+    )
+    head_dim = hidden_size // 4
+    vision = {"depth": 2, "hidden_size": hidden_size // 2, "intermediate_size": hidden_size, "num_heads": 2,
+              "patch_size": patch_size, "spatial_merge_size": 2, "temporal_patch_size": 2,
+              "out_hidden_size": hidden_size, "num_position_embeddings": 64}
+    torch.manual_seed(seed)
+    if version == "3-VL":
+        from transformers import Qwen3VLConfig as Config
+        from transformers import Qwen3VLForConditionalGeneration as Model
+
+        vision["deepstack_visual_indexes"] = [0]  # one DeepStack merger, fed from the first block
+        text = _text_config(tokenizer, hidden_size, num_layers, model_type="qwen3_vl_text", head_dim=head_dim,
+                            rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
+                                             "mrope_section": [4, 2, 2], "mrope_interleaved": True})
+    else:
+        from transformers import Qwen3_5Config as Config
+        from transformers import Qwen3_5ForConditionalGeneration as Model
+
+        # The real layout: linear-attention (Gated DeltaNet) layers, then a full-attention one.
+        text = _text_config(tokenizer, hidden_size, num_layers, model_type="qwen3_5_text", head_dim=head_dim,
+                            layer_types=["linear_attention"] * (num_layers - 1) + ["full_attention"],
+                            linear_key_head_dim=head_dim, linear_value_head_dim=head_dim,
+                            linear_num_key_heads=2, linear_num_value_heads=4, linear_conv_kernel_dim=4,
+                            rope_parameters={"rope_type": "default", "rope_theta": 10000000.0,
+                                             "partial_rotary_factor": 0.25, "mrope_section": [1, 1, 0],
+                                             "mrope_interleaved": True})
+    config = Config(vision_config=vision, text_config=text, tie_word_embeddings=False, **_qwen_vision_ids(tokenizer))
+    return _save(Model(config), processor, path, f"Qwen{version}")
+
+
+def build_tiny_qwen3_vl(path: str | Path, **kwargs: Any) -> Path:
+    """Write a tiny random Qwen3-VL (DeepStack merger, interleaved M-RoPE) and its (image-only) processor to
+    ``path``: images of 16x16 to 32x32 pixels, 8-pixel patches merged 2x2 (1-4 image tokens each)."""
+    return _build_tiny_qwen3(path, "3-VL", **kwargs)
+
+
+def build_tiny_qwen3_5(path: str | Path, **kwargs: Any) -> Path:
+    """Write a tiny random Qwen3.5 image-text model (Gated DeltaNet + full attention, Qwen3-VL processor with the
+    thinking chat template) to ``path``; images as in :func:`build_tiny_qwen3_vl`."""
+    return _build_tiny_qwen3(path, "3.5", **kwargs)
+
+
 # Family name → builder. Names are what tests and the demo pass to build_tiny.
 BUILDERS: dict[str, Callable[..., Path]] = {
     "idefics3": build_tiny_idefics3,
@@ -566,6 +667,8 @@ BUILDERS: dict[str, Callable[..., Path]] = {
     "qwen2_5_vl": build_tiny_qwen2_5_vl,
     "gemma3": build_tiny_gemma3,
     "paligemma": build_tiny_paligemma,
+    "qwen3_vl": build_tiny_qwen3_vl,
+    "qwen3_5": build_tiny_qwen3_5,
 }
 FAMILIES: tuple[str, ...] = tuple(BUILDERS)
 
