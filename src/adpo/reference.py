@@ -120,9 +120,8 @@ def _prepare_fsdp_reference(ref_model: nn.Module, accelerator: Any) -> nn.Module
     return model
 
 
-
-
 # ---------------------------------------------------------------------------------------------- the reference
+# (model, inputs, (R, L) response mask) → (R,) log-probs: the trainer's scorer (its LM-head choice, packing).
 Score = Callable[[nn.Module, dict[str, torch.Tensor], torch.Tensor], ResponseLogps]
 
 
