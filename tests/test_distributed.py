@@ -342,6 +342,9 @@ def test_deepspeed_yaml_reaches_training_arguments(tmp_path: Path, monkeypatch: 
             "--per_device_train_batch_size", "3", "--gradient_accumulation_steps", "2"]
     *_, plain = parse_args(["--output_dir", str(tmp_path)])  # no --deepspeed: nothing to prepare
     assert launch_env() == before and not dist.is_initialized()
+    *_, unlaunched = parse_args(argv)  # the config alone, DeepSpeed YAML read: still no side effect
+    assert unlaunched.hf_deepspeed_config.config["zero_optimization"]["stage"] == 2
+    assert launch_env() == before and not dist.is_initialized()
 
     _, namespace = parse_namespace(argv)
     launch = compute_init(namespace.deepspeed)
