@@ -6,10 +6,11 @@ responses (R tokens each) under one prompt (P tokens); adpo scores one response 
 
 Each configuration runs in its own subprocess (clean peak memory), in alternating order, and the ratios are
 computed from numbers measured in this one run. Memory on CPU is the resident set size (RSS), sampled every
-millisecond; a step's memory is its peak minus the RSS when it starts, which is what the step itself needs, and
-"step memory" is the largest over EVERY step, the first one included (a first step that held more, e.g. full
-logits before a head is chosen, must show). The first step's and the later steps' figures are also reported. On
-CUDA, torch's allocator statistics are used instead. Speed is timed over the steps after the warm-up.
+millisecond; a step's memory is its peak minus the RSS when the first step starts (weights, reference and data
+resident), which is what training needs on top of them, and "step memory" is the largest over EVERY step, the
+first one included (a first step that held more, e.g. full logits before a head is chosen, must show). The first
+step's and the later steps' figures are also reported. On CUDA, torch's allocator statistics are used instead.
+Speed is timed over the steps after the warm-up.
 
     python bench/bench_trl.py                      # both models, live + precomputed reference (CPU)
     python bench/bench_trl.py --models tiny --steps 3
@@ -111,7 +112,8 @@ def worker(args: argparse.Namespace) -> dict:
         common["optim"] = "sgd"
 
     step_times: list[float] = []
-    step_mem: list[int] = []  # bytes, per step (the first included): its peak minus the memory when it began
+    step_peak: list[int] = []  # bytes, per step (the first included): the peak during the step
+    start: dict[str, int] = {}  # memory when the first step began: weights, reference and data resident
     rss = PeakRSS()
 
     class Clock(TrainerCallback):
@@ -119,17 +121,17 @@ def worker(args: argparse.Namespace) -> dict:
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-                self.base = torch.cuda.memory_allocated()
+                start.setdefault("mem", torch.cuda.memory_allocated())
             else:
-                self.base = rss.peak = PeakRSS.now()
+                rss.peak = PeakRSS.now()
+                start.setdefault("mem", rss.peak)
             self.t = time.perf_counter()
 
         def on_step_end(self, *a, **k):  # noqa: ANN002, ANN003
             if cuda:
                 torch.cuda.synchronize()
             step_times.append(time.perf_counter() - self.t)
-            peak = torch.cuda.max_memory_allocated() if cuda else max(rss.peak, PeakRSS.now())
-            step_mem.append(peak - self.base)
+            step_peak.append(torch.cuda.max_memory_allocated() if cuda else max(rss.peak, PeakRSS.now()))
 
     if args.trainer == "trl":
         from datasets import Dataset
@@ -164,6 +166,7 @@ def worker(args: argparse.Namespace) -> dict:
         trainer.train()
     timed = step_times[args.warmup:]
     gb = 2**30
+    step_mem = [peak - start["mem"] for peak in step_peak]
     memory = {"first_step_mem_gb": step_mem[0] / gb, "later_step_mem_gb": max(step_mem[1:], default=0) / gb,
               "gpu_step_mem_gb" if cuda else "step_mem_gb": max(step_mem) / gb}
     if cuda:
