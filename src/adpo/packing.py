@@ -52,6 +52,7 @@ UNPACKABLE = {
     "paligemma": "its bidirectional prefix is built from the padded rows' token types",
     "gemma3": "transformers' packed mask looks its bidirectional image blocks up by in-sequence position in the "
               "sliding-window layers, which is wrong for every sequence after the first",
+    "qwen3_5": "its linear-attention (Gated DeltaNet) layers carry their state along the row, across sequences",
 }
 # Attention implementations that pack natively in transformers (varlen from packed position ids).
 NATIVE = ("flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention")
@@ -114,6 +115,10 @@ def packing_blocker(model: nn.Module, inputs: dict[str, torch.Tensor]) -> str | 
         return f"{model_type}: {UNPACKABLE[model_type]}"
     if "cross_attention_mask" in inputs:
         return "the batch has a per-row cross-attention mask"
+    if getattr(_base(model), "is_gradient_checkpointing", False) and torch.is_grad_enabled():
+        # The backward pass recomputes checkpointed layers outside packed_attention, i.e. with attention across
+        # the packed sequences: wrong gradients (re-entrant) or a CheckpointError (non-re-entrant).
+        return "gradient checkpointing recomputes attention outside the packed forward"
     if not getattr(_base(model), "_supports_attention_backend", False):
         return f"{type(_base(model)).__name__} does not take transformers' attention backends"
     if "attention_mask" not in inputs:

@@ -23,7 +23,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 
 from .collator import REF_COUNTS, REF_LOGPS, RESPONSE_MASK, ROW_IDS
 from .config import ADPOConfig
-from .guard import NonFiniteGuard
+from .guard import NonFiniteGuard, NonFiniteWeightsCheck
 from .image_dedup import each_image_once
 from .logprobs import HeadChoice, ResponseLogps, choose_lm_head, response_logps
 from .losses import adpo_loss, multitask_loss
@@ -67,6 +67,7 @@ class ADPOTrainer(Trainer):
                            "the weights by adpo's guard (DeepSpeed's fp16 loss scaler skips overflowing steps).")
         else:
             self.add_callback(self.nonfinite_guard)
+        self.add_callback(NonFiniteWeightsCheck(lambda: self.model))  # never save NaN/inf weights
         # DDP: on the device, unwrapped; ZeRO-3 / FSDP: sharded like the policy (adpo.reference).
         placed = None if ref_model is None else prepare_reference(ref_model, self.accelerator)
         self.reference: Reference | None = build_reference(args, placed, self.model, self.data_collator,
