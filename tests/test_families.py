@@ -179,8 +179,12 @@ def _plain_response_logp(model: nn.Module, processor: Any, row: dict[str, Any], 
         answer = {"role": "assistant", "content": [{"type": "text", "text": row["response"]}]}
         prompt = processor.apply_chat_template([user], add_generation_prompt=True, tokenize=False)
         full = processor.apply_chat_template([user, answer], tokenize=False)
-        inputs = processor(text=[full], images=[images], add_special_tokens=False, return_tensors="pt")
-        response_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+        if full.startswith(prompt):
+            response = full[len(prompt):]
+        else:  # LLaVA-OneVision: the answer as rendered and what closes its turn, after the generation prompt
+            response = full[full.rindex(row["response"]):]
+        inputs = processor(text=[prompt + response], images=[images], add_special_tokens=False, return_tensors="pt")
+        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     else:
         inputs = processor(text=[processor.image_token * len(images) + row[side]], images=[images],
                            suffix=[row["response"]], return_tensors="pt")
@@ -416,6 +420,11 @@ SIZE_KWARGS: dict[str, tuple[str, tuple[int, ...]]] = {
     "qwen2_5_vl": ('{"size": {"shortest_edge": 3000, "longest_edge": 5000}}', (384,)),
     "qwen3_vl": ('{"size": {"shortest_edge": 3000, "longest_edge": 5000}}', (384,)),
     "qwen3_5": ('{"size": {"shortest_edge": 3000, "longest_edge": 5000}}', (384,)),
+    "glm4v": ('{"size": {"shortest_edge": 2000, "longest_edge": 5000}}', (384,)),
+    "smolvlm": ('{"size": {"longest_edge": 64}, "max_image_size": {"longest_edge": 64}}', (64, 64)),
+    "llava_onevision": ('{"image_grid_pinpoints": [[16, 16]]}', (2, 3, 16, 16)),  # base view + one tile
+    "internvl": ('{"size": {"height": 24, "width": 24}}', (3, 24, 24)),
+    "aya_vision": ('{"size": {"height": 24, "width": 24}}', (3, 24, 24)),
     "gemma3": ('{"size": {"height": 48, "width": 48}, "do_rescale": true}', (3, 48, 48)),
     "paligemma": ('{"size": {"height": 48, "width": 48}, "do_rescale": true}', (3, 48, 48)),
 }
@@ -442,10 +451,13 @@ def test_image_flags_change_what_the_model_receives(family: str, tiny: Any) -> N
     sized = ADPOCollator(processor, multimodal=True, image_processor_kwargs=kwargs)(rows)
     tail = slice(-len(shape), None)
     images_per_row = [1, 3, 2, 1]  # chosen rows, then rejected rows
-    if family.startswith("qwen"):  # flat patches: one row per 8x8 patch, 2x2 patches merge into one token
+    if "image_grid_thw" in default:  # flat patches: one row per 8x8 patch, 2x2 patches merge into one token
         grid = sized["image_grid_thw"]
         pixels = grid[:, 1] * grid[:, 2] * 8 * 8
-        assert ((pixels >= 3000) & (pixels <= 5000)).all() and len(grid) == sum(images_per_row)
+        low, high = kwargs["size"]["shortest_edge"], kwargs["size"]["longest_edge"]  # pixel counts
+        if family == "glm4v":  # GLM's budget counts an image's two temporal frames
+            low, high = low // 2, high // 2
+        assert ((pixels >= low) & (pixels <= high)).all() and len(grid) == sum(images_per_row)
         assert sized["pixel_values"].shape[0] == grid.prod(-1).sum() > default["pixel_values"].shape[0]
         assert _image_tokens(processor, sized) == _qwen_tokens_from_grid(sized, images_per_row)
     else:
@@ -454,9 +466,9 @@ def test_image_flags_change_what_the_model_receives(family: str, tiny: Any) -> N
     shrunk = ADPOCollator(processor, multimodal=True, max_image_size=8)(rows)
     assert shrunk["pixel_values"].shape != default["pixel_values"].shape or not torch.equal(
         shrunk["pixel_values"], default["pixel_values"])
-    if family.startswith("qwen"):  # longest edge 8, then upscaled to at least 16x16 pixels (aspect kept)
+    if "image_grid_thw" in default:  # longest edge 8, then upscaled to at least 16x16 pixels (aspect kept)
         assert _image_tokens(processor, shrunk) == _qwen_tokens_from_grid(shrunk, images_per_row)
-        assert sum(_image_tokens(processor, shrunk)) < sum(_image_tokens(processor, default))
+        assert _image_tokens(processor, shrunk) != _image_tokens(processor, default)  # GLM rounds up to 28 pixels
     if family == "llava_next":  # image_sizes are the sizes after --max_image_size
         assert shrunk["image_sizes"].amax() <= 8 < default["image_sizes"].amax()
         assert sum(_image_tokens(processor, shrunk)) < sum(_image_tokens(processor, default))
