@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+import math
+import os
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from transformers import TrainingArguments
@@ -73,6 +75,10 @@ class ModelArguments(LoadArguments):
     def __post_init__(self) -> None:
         if self.lora_r <= 0:
             raise ValueError(f"--lora_r must be positive, got {self.lora_r}.")
+        if not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
+            # alpha / r scales the LoRA update: 0 trains nothing, a negative value reverses it.
+            raise ValueError(f"--lora_alpha must be positive, got {self.lora_alpha} (the update is scaled by "
+                             "lora_alpha / lora_r).")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}.")
         if self.use_peft and (self.freeze_vision_tower or self.freeze_mm_projector):
@@ -144,6 +150,9 @@ class RowArguments:
     )
 
     def __post_init__(self) -> None:
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
+            raise ValueError(f"--pad_to_multiple_of must be a positive number of tokens, got {self.pad_to_multiple_of}"
+                             " (leave it out to pad each batch to its longest row).")
         for name in ("max_length", "max_response_length"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -263,6 +272,7 @@ class ADPOConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        check_training_values(self)  # before anything is set up for a run that cannot work
         if not _has_accelerator():
             self.dataloader_pin_memory = False  # nothing to pin for
             if (self.bf16 or self.fp16) and not self.use_cpu:
@@ -280,7 +290,7 @@ class ADPOConfig(TrainingArguments):
             raise ValueError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}.")
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise ValueError("--label_smoothing applies to --loss_type sigmoid only.")
-        if self.dpop_lambda < 0:
+        if not self.dpop_lambda >= 0:  # NaN fails this too
             raise ValueError(f"--dpop_lambda must be >= 0, got {self.dpop_lambda}.")
         if self.dpop_lambda and (self.loss_type != "sigmoid" or self.reference_free):
             raise ValueError("--dpop_lambda (A-DPOP) needs --loss_type sigmoid and a reference model.")
@@ -290,3 +300,40 @@ class ADPOConfig(TrainingArguments):
             raise ValueError("--precompute_ref_log_probs has nothing to compute with --reference_free; drop one.")
         if self.remove_unused_columns:
             raise ValueError("--remove_unused_columns must stay false: the collator reads the raw rows.")
+
+
+# (flag, lowest allowed, whether the lowest is allowed, why): values outside make training impossible or destructive.
+_TRAINING_BOUNDS = (
+    ("beta", 0.0, False, "β scales the log-ratio margin; 0 or less gives no (or a reversed) preference"),
+    ("learning_rate", 0.0, False, "0 trains nothing; a negative rate climbs the loss"),
+    ("adam_epsilon", 0.0, False, "Adam divides by sqrt(v) + ε: with 0 a parameter whose gradient is 0 becomes NaN"),
+    ("weight_decay", 0.0, True, "negative decay grows every weight without bound"),
+    ("max_grad_norm", 0.0, True, "a negative clipping norm is meaningless (0 switches clipping off)"),
+    ("adam_beta1", 0.0, True, "Adam's first-moment decay"),
+    ("adam_beta2", 0.0, True, "Adam's second-moment decay (1 never forgets, and divides by 0 at step 1)"),
+)
+_BELOW_ONE = ("adam_beta1", "adam_beta2")
+
+
+def check_training_values(args: Any) -> None:
+    """Refuse NaN/inf in any numeric flag, and values that cannot train (``--beta 0``, ``--adam_epsilon 0``...),
+    saying why."""
+    for f in fields(args):
+        value = getattr(args, f.name, None)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{f.name} must be a finite number, got {value}.")
+    for name, low, inclusive, why in _TRAINING_BOUNDS:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if name in _BELOW_ONE and not low <= value < 1:
+            raise ValueError(f"--{name} must be in [0, 1), got {value}: {why}.")
+        if value < low or (value == low and not inclusive):
+            bound = f">= {low:g}" if inclusive else "positive"
+            raise ValueError(f"--{name} must be {bound}, got {value}: {why}.")
+    if args.use_cpu and args.deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # DeepSpeed would count each CPU process as a world of one and fail its batch-size check.
+        raise ValueError("--use_cpu with --deepspeed under a multi-process launcher (torchrun, accelerate launch) "
+                         "cannot work: DeepSpeed would see each process as a world of one. On a machine without GPUs "
+                         "leave --use_cpu out (adpo then runs DeepSpeed over gloo on the CPUs); with GPUs drop "
+                         "--use_cpu, or drop --deepspeed to train on the CPUs.")

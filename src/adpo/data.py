@@ -275,8 +275,12 @@ def _absolute_image_paths(dataset: Dataset, root: str) -> Dataset:
             fields.append(name)
     if not fields:
         return dataset
-    return dataset.map(lambda row: {f: resolve_image_paths(row[f], root) for f in fields},
-                       desc="resolving image paths")
+    def resolve(value: Any) -> Any:
+        resolved = resolve_image_paths(value, root)
+        # A string column stays a string column: a JSON list is written back as JSON.
+        return json.dumps(resolved) if isinstance(value, str) and not isinstance(resolved, str) else resolved
+
+    return dataset.map(lambda row: {f: resolve(row[f]) for f in fields}, desc="resolving image paths")
 
 
 def _stores_paths(feature: Any) -> bool:

@@ -35,6 +35,7 @@ from .config import LoadArguments, RowArguments
 from .data import ROW_ID, iter_batches, load_adpo_rows
 from .logprobs import response_logps
 from .modeling import is_vision_model, load_model, load_processor_for
+from .preflight import check_model_source
 from .validate import validate_dataset
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,11 @@ class EvalArguments:
     )
     device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available, else cpu)."})
     output_dir: str = field(default="adpo-eval", metadata={"help": "Folder for rows.csv, summary.json, plots."})
+    html: str | None = field(
+        default=None, metadata={"help": "Also write a self-contained HTML report (summary, plots, every pair with "
+                                "its images and log-probs, worst first) to this path."}
+    )
+    html_max_rows: int = field(default=1000, metadata={"help": "Pairs shown in the HTML report (the worst)."})
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -286,6 +292,7 @@ def evaluate(model: LoadArguments, rows: RowArguments, args: EvalArguments) -> d
         raise ValueError("--dataset_name is required (hub id, save_to_disk folder, or .json/.jsonl/.parquet/.csv).")
     if not model.model_name_or_path:
         raise ValueError("--model_name_or_path is required (a model folder, hub id or PEFT adapter folder).")
+    check_model_source(model.model_name_or_path, "--model_name_or_path")  # before the rows are read
     loaded_rows = load_adpo_rows(rows.dataset_name, rows.dataset_split, rows.dataset_config, rows.max_eval_samples,
                                  rows.on_bad_rows)
     dataset = loaded_rows.dataset
@@ -331,7 +338,11 @@ def evaluate(model: LoadArguments, rows: RowArguments, args: EvalArguments) -> d
     (out / "summary.json").write_text(json.dumps(report, indent=2))
     from .plots import plot_evaluation
 
-    plot_evaluation(summaries, records, out / "evaluation.png", group_by=group_by)
+    plot = plot_evaluation(summaries, records, out / "evaluation.png", group_by=group_by)
+    if args.html:
+        from .report import eval_report
+
+        eval_report(report, records, dataset, args.html, plot=plot, group_by=group_by, max_rows=args.html_max_rows)
     return {**report, "skipped": skipped}
 
 

@@ -8,6 +8,13 @@ weight decay and momentum included), and the step is logged with the rows that m
 schedule still advances, as it does when the fp16 grad scaler skips a step.
 
 Not under DeepSpeed: its engine steps inside ``backward``, before this hook runs.
+
+Two failures end the run (:class:`NonFiniteTrainingError`) instead of saving something broken:
+
+- the weights themselves become NaN/inf after an optimizer step (a learning rate that overflows them, a broken
+  optimizer state): checked after every step by :class:`NonFiniteWeightsCheck`, before any checkpoint of that
+  step is written, so the last checkpoint on disk stays the last good one;
+- every optimizer step of the run was skipped: the "trained" model would be the initial one.
 """
 
 from __future__ import annotations
@@ -19,6 +26,10 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 logger = logging.getLogger(__name__)
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Training cannot produce a usable model (non-finite weights, or every step skipped)."""
 
 
 class NonFiniteGuard(TrainerCallback):
@@ -35,6 +46,26 @@ class NonFiniteGuard(TrainerCallback):
         self.window_rows: list[torch.Tensor] = []
         self.window_losses: list[torch.Tensor] = []
         self.skipped_steps: list[tuple[int, list[int]]] = []  # (optimizer step, row ids) of every skipped step
+        self.first_step = 0  # global step the current train() call started from (a resume starts later)
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.first_step = state.global_step
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Fail a run in which no optimizer step reached the weights."""
+        steps = state.global_step - self.first_step
+        skipped = sum(1 for step, _ in self.skipped_steps if step > self.first_step)
+        if steps > 0 and skipped >= steps:
+            raise NonFiniteTrainingError(
+                f"every one of the {steps} optimizer steps was skipped because its loss or gradients were NaN/inf, "
+                "so nothing was trained (the weights are the initial ones). Look at the first skipped step's rows "
+                f"({self.skipped_steps[0][1]}), lower --learning_rate, or try --bf16 instead of --fp16.")
+        if skipped * 2 > steps:
+            logger.warning("%d of %d optimizer steps were skipped (non-finite loss or gradients)", skipped, steps)
 
     def record(self, loss: torch.Tensor, row_ids: torch.Tensor | None) -> None:
         """Note one micro-batch: its loss (any shape) and its rows' ids (B,)."""
@@ -80,3 +111,29 @@ def _any_process(flag: bool, device: torch.device) -> bool:
     value = torch.tensor(float(flag), device=device)
     torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
     return bool(value.item())
+
+
+class NonFiniteWeightsCheck(TrainerCallback):
+    """After each optimizer step, fail if any weight is NaN/inf, before that step can be saved.
+
+    Args:
+        model_getter: returns the model whose parameters are checked.
+    """
+
+    def __init__(self, model_getter: Any) -> None:
+        self.model_getter = model_getter
+
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        params = [p.detach() for p in self.model_getter().parameters() if p.requires_grad]
+        if not _any_process(not _all_finite(params), args.device):
+            return
+        from .checkpoints import latest_complete
+
+        last = latest_complete(args.output_dir) if args.output_dir else None
+        kept = (f"The last good checkpoint is {last} (resume with --resume_from_checkpoint {last})." if last
+                else "No checkpoint had been written yet.")
+        raise NonFiniteTrainingError(
+            f"the weights became NaN/inf in optimizer step {state.global_step + 1}; nothing of this step is saved. "
+            f"{kept} Lower --learning_rate, check --max_grad_norm, or use --bf16 rather than --fp16.")

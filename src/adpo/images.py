@@ -20,6 +20,10 @@ from PIL import Image, ImageOps
 # Qwen2-VL's processor refuses images whose sides differ more than this; others make degenerate tiles.
 MAX_ASPECT_RATIO = 200
 
+# With --max_image_size, an image over PIL's bomb limit is still decoded (at reduced scale where the format
+# allows) when that costs at most this many times the limit (4 x 89.5 M pixels, about 1 GB in RGB by default).
+DECODE_BUDGET_FACTOR = 4
+
 _BOMB_LOCK = threading.Lock()  # guards the brief switch-off of PIL's global pixel limit
 
 
@@ -34,14 +38,17 @@ def load_image(value: Any, max_size: int | None = None, min_side: int = 1) -> Im
     datasets ``Image`` feature stores. EXIF orientation is applied and transparency is composited onto white, so
     the model sees the picture a person would. Images above ``PIL.Image.MAX_IMAGE_PIXELS`` (a possible
     decompression bomb) are refused unless ``max_size`` is set; then they are decoded at reduced scale where the
-    format allows (JPEG draft) and shrunk so the longest edge is at most ``max_size``. Images whose short side
-    is below ``min_side`` (the vision encoder's patch) are upscaled to it.
+    format allows (JPEG draft) and shrunk so the longest edge is at most ``max_size``. What would still be
+    decoded at more than :data:`DECODE_BUDGET_FACTOR` times the limit (e.g. a 30000 x 30000 PNG, which PNG
+    cannot decode at reduced scale) is refused from its header, before any pixel is decoded. Images whose short
+    side is below ``min_side`` (the vision encoder's patch) are upscaled to it.
     """
     image, name, opened_here = _open_value(value, max_size)
     check_image_size(image.size, name, max_size)
     if opened_here:
         if max_size is not None and max(image.size) > max_size:
             image.draft(None, _shrunk_size(image.size, max_size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale
+            check_decode_budget(image, name)  # image.size is now the size it will be decoded at
         try:
             image.load()
         except Exception as err:  # PIL raises many types for corrupt or truncated data
@@ -120,6 +127,28 @@ def check_image_size(size: tuple[int, int], name: str, max_size: int | None = No
             f"limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS). Pass --max_image_size to shrink such images while "
             "loading, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the files."
         )
+
+
+def check_decode_budget(image: Image.Image, name: str) -> None:
+    """Refuse, from the header alone, an image that would be decoded at more than ``DECODE_BUDGET_FACTOR x
+    PIL.Image.MAX_IMAGE_PIXELS`` pixels even at its reduced decoding scale."""
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = image.size
+    if limit is None or width * height <= DECODE_BUDGET_FACTOR * limit:
+        return
+    bands = len(image.getbands())
+    raise ImageLoadError(
+        f"image too large to decode safely: {name} would be decoded at {width}x{height} pixels (about "
+        f"{width * height * bands / 1e9:.1f} GB) before shrinking to --max_image_size, over "
+        f"{DECODE_BUDGET_FACTOR} x PIL.Image.MAX_IMAGE_PIXELS = {DECODE_BUDGET_FACTOR * limit} pixels; "
+        f"{_scaling(image.format)}. Shrink the file first, or raise "
+        "PIL.Image.MAX_IMAGE_PIXELS if the memory is there."
+    )
+
+
+def _scaling(fmt: str | None) -> str:
+    return "JPEG decodes at 1/8 scale at best" if fmt == "JPEG" else f"{fmt or 'this format'} cannot be decoded at " \
+        "reduced scale"
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

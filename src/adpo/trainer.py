@@ -23,7 +23,7 @@ from transformers import PreTrainedModel, Trainer
 from .collator import RESPONSE_MASK, ROW_IDS
 from .config import ADPOConfig
 from .distributed import dummy_image_inputs, prepare_reference, vision_tower_every_forward
-from .guard import NonFiniteGuard
+from .guard import NonFiniteGuard, NonFiniteWeightsCheck
 from .image_dedup import each_image_once
 from .logprobs import ResponseLogps, response_logps
 from .losses import adpo_loss, multitask_loss
@@ -74,6 +74,7 @@ class ADPOTrainer(Trainer):
                            "the weights by adpo's guard (DeepSpeed's fp16 loss scaler skips overflowing steps).")
         else:
             self.add_callback(self.nonfinite_guard)
+        self.add_callback(NonFiniteWeightsCheck(lambda: self.model))  # never save NaN/inf weights
         # --precompute_ref_log_probs: tables by dataset, and the ones in use for training / evaluation.
         self._ref_tables: dict[int, tuple[Any, RefLogpsTable]] = {}
         self._active_tables: dict[str, RefLogpsTable | None] = {"train": None, "eval": None}

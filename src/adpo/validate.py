@@ -171,7 +171,7 @@ def validate_dataset(
                   "identical_sides_ok": identical_sides_ok}
         return _validate(dataset, collator, on_bad_rows, limits, name, unreadable or [])
     except ADPODataError as err:
-        context = SPLIT_CONTEXT.get(name, f"{name} data")
+        context = SPLIT_CONTEXT.get(name)
         raise (err.within(context) if context and not err.context else err) from None
 
 
@@ -252,7 +252,7 @@ def _validate_stream(
         try:
             err = _checked(row, collator, on_bad_rows, limits, report)
         except ADPODataError as bad:
-            context = SPLIT_CONTEXT.get(name, f"{name} data")
+            context = SPLIT_CONTEXT.get(name)
             raise (bad.within(context) if context else bad) from None
         if err is not None:
             logger.warning("%s: skipping %s", name, err)

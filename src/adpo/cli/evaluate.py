@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"adpo-eval ({label}): {summary}")
     print(format_summary(report))
     print(f"adpo-eval: wrote rows.csv, summary.json and evaluation.png to {args.output_dir}")
+    if args.html:
+        print(f"adpo-eval: wrote the HTML report to {args.html}")
     return 0
 
 
