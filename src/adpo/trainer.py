@@ -93,7 +93,7 @@ class ADPOTrainer(Trainer):
                 each_image_once(unwrapped, self.args.deduplicate_images):  # adpo.image_dedup
             fused = None if self.args.fused_lm_head else False  # None: wherever it gives the model's log-probs
             head = unwrapped.get_output_embeddings()
-            if padding_free_decision(unwrapped, inputs, self.args.padding_free):
+            if padding_free_decision(unwrapped, inputs, self.args.padding_free, self.args.gradient_checkpointing):
                 with packed_forward(unwrapped, inputs, mask) as packed:  # adpo.packing
                     return response_logps(model, head, packed.inputs, packed.response_mask, fused=fused,
                                           sequence_ids=packed.sequence_ids, num_sequences=mask.shape[0])

@@ -905,6 +905,67 @@ def build_tiny_glm4v(
     return _save(Glm4vForConditionalGeneration(config), processor, path, "GLM-4.1V")
 
 
+# google/gemma-4 instruction-tuned checkpoints: <|turn>role ... <turn|>, the assistant's role is "model", each image
+# is <|image|> in the text (the processor expands it to <|image> + soft tokens + <image|>).
+GEMMA4_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<|image|>' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] | trim }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<turn|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|turn>model\n' }}{% endif %}"
+)
+
+
+def build_tiny_gemma4(
+    path: str | Path, *, patch_size: int = 4, hidden_size: int = 64, num_layers: int = 2, vocab_size: int = 400,
+    max_soft_tokens: int = 70, seed: int = 0, extra_text: Iterable[str] = (),
+) -> Path:
+    """Write a tiny random Gemma 4 (its own vision encoder, ``embed_vision`` projector, Gemma 4 text) and its
+    processor to ``path``. Gemma4Processor's constructor takes (feature_extractor, image_processor, tokenizer,
+    video_processor): the audio feature extractor is saved, the video processor (torchvision) is left out. Each image
+    keeps its aspect ratio and becomes at most ``max_soft_tokens`` soft tokens (3x3-pooled ``patch_size`` patches;
+    70 is the smallest budget the image processor takes).
+    """
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4ImageProcessorPil, Gemma4Processor
+    from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
+
+    from adpo.processing import processor_class_without
+
+    path = Path(path)
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>", "<|image>", "<image|>", "<|image|>",
+                "<|audio>", "<audio|>", "<|audio|>", "<|video|>"]
+    tokenizer = _tokenizer(
+        specials, extra_text, vocab_size, pad_token="<pad>", eos_token="<turn|>", bos_token="<bos>", unk_token="<unk>",
+        extra_special_tokens={"boi_token": "<|image>", "eoi_token": "<image|>", "image_token": "<|image|>",
+                              "boa_token": "<|audio>", "eoa_token": "<audio|>", "audio_token": "<|audio|>"},
+    )
+    image_processor = Gemma4ImageProcessorPil(patch_size=patch_size, max_soft_tokens=max_soft_tokens,
+                                              pooling_kernel_size=3)
+    processor = processor_class_without(Gemma4Processor, ("video_processor",))(
+        feature_extractor=Gemma4AudioFeatureExtractor(), image_processor=image_processor, tokenizer=tokenizer,
+        chat_template=GEMMA4_CHAT_TEMPLATE, image_seq_length=max_soft_tokens,
+    )
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in [
+        ("boi_token_id", "<|image>"), ("eoi_token_id", "<image|>"), ("image_token_id", "<|image|>"),
+        ("video_token_id", "<|video|>"), ("boa_token_id", "<|audio>"), ("eoa_token_index", "<audio|>"),
+        ("audio_token_id", "<|audio|>")]}
+    head_dim = hidden_size // 4
+    torch.manual_seed(seed)
+    config = Gemma4Config(
+        text_config=_text_config(tokenizer, hidden_size, num_layers, model_type="gemma4_text", head_dim=head_dim,
+                                 global_head_dim=head_dim, sliding_window=64,
+                                 layer_types=["sliding_attention", "full_attention"][-num_layers:]
+                                 if num_layers <= 2 else None,
+                                 vocab_size_per_layer_input=len(tokenizer), hidden_size_per_layer_input=0),
+        vision_config={"hidden_size": hidden_size // 2, "intermediate_size": hidden_size, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": hidden_size // 4,
+                       "patch_size": patch_size, "pooling_kernel_size": 3, "position_embedding_size": 64},
+        audio_config=None, tie_word_embeddings=False, **ids,
+    )
+    return _save(Gemma4ForConditionalGeneration(config), processor, path, "Gemma 4")
+
+
 # Family name → builder. Names are what tests and the demo pass to build_tiny.
 BUILDERS: dict[str, Callable[..., Path]] = {
     "idefics3": build_tiny_idefics3,
@@ -922,6 +983,7 @@ BUILDERS: dict[str, Callable[..., Path]] = {
     "internvl": build_tiny_internvl,
     "aya_vision": build_tiny_aya_vision,
     "glm4v": build_tiny_glm4v,
+    "gemma4": build_tiny_gemma4,
 }
 FAMILIES: tuple[str, ...] = tuple(BUILDERS)
 
