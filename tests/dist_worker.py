@@ -71,10 +71,10 @@ def build_trainer(*args: Any, **kwargs: Any) -> Any:
     return trainer, processor
 
 
-def validate_splits(train: Any, eval_dataset: Any, collator: Any, data_args: Any) -> Any:
+def validate_splits(train: Any, eval_dataset: Any, collator: Any, data_args: Any, *rest: Any) -> Any:
     """With text-only rows on purpose, validation (which rejects image-less sides) checks the image rows only."""
     keep = train.filter(lambda row: bool(row.get("chosen_images")))
-    _, _, reports = _validate_splits(keep, eval_dataset, collator, data_args)
+    _, _, reports = _validate_splits(keep, eval_dataset, collator, data_args, *rest)
     return train, eval_dataset, reports
 
 

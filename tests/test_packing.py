@@ -163,3 +163,42 @@ def test_trainer_packs_by_default_with_the_padded_loss(tiny: Any, tmp_path: Path
     torch.testing.assert_close(results[None][0], results[False][0], rtol=0, atol=1e-6)
     for key, value in results[False][1].items():
         torch.testing.assert_close(results[None][1][key], value, rtol=0, atol=1e-5, msg=key)
+
+
+def test_dataloader_workers_auto(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """-1 (the default): workers where a GPU computes (half the cores, at most 8), none on a CPU-only machine."""
+    import os
+
+    from adpo import config as config_module
+    from adpo.config import ADPOConfig, auto_dataloader_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert auto_dataloader_workers(True) == 8 and auto_dataloader_workers(False) == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert auto_dataloader_workers(True) == 1
+    monkeypatch.setattr(config_module, "_has_accelerator", lambda: False)
+    assert ADPOConfig(output_dir=str(tmp_path), report_to=[]).dataloader_num_workers == 0
+    assert ADPOConfig(output_dir=str(tmp_path), report_to=[], dataloader_num_workers=3).dataloader_num_workers == 3
+    with pytest.raises(ValueError, match="--dataloader_num_workers must be >= 0, or -1"):
+        ADPOConfig(output_dir=str(tmp_path), report_to=[], dataloader_num_workers=-2)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl"])
+def test_packed_gradients_under_gradient_checkpointing(family: str, use_reentrant: bool, tiny: Any) -> None:
+    """Checkpointing re-runs the attention in backward, after the packed forward returned: it must see the same
+    sequence boundaries, so the gradients equal the padded batch's (as without checkpointing)."""
+    model, processor = _load(tiny(family))
+    model.train()
+    model.gradient_checkpointing_enable({"use_reentrant": use_reentrant})
+    model.enable_input_require_grads()
+    batch, mask = _batch(processor)
+    grads = []
+    for packed in (False, True):
+        model.zero_grad()
+        padded, got = _padded_and_packed(model, batch, mask, fused=True)
+        (got if packed else padded).sums.sum().backward()
+        grads.append(_grads(model))
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, e in grads[0].items():
+        torch.testing.assert_close(grads[1][name], e, rtol=0, atol=1e-5 * max(1.0, float(e.abs().max())), msg=name)

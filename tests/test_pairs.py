@@ -325,3 +325,48 @@ def test_docs_list_every_adpo_data_flag():
     assert len(flags) > 20
     assert sorted(f for f in flags if f"`{f}`" not in reference) == []
     assert {"swap", "prompt-swap", "from-dpo", "import", "check"} == set(subparsers)
+
+
+def test_swap_reads_every_input_the_trainer_reads(source: Path, tmp_path: Path):
+    """JSONL, CSV (images as a JSON list cell), a folder of files, and a save_to_disk folder with Image features
+    give the same pairs; a malformed record is named, or counted with --on_bad_rows skip."""
+    import csv
+
+    from datasets import Dataset, Features, Image, List, Value
+
+    rows = read_jsonl(source)
+    csv_path = tmp_path / "src" / "vqa.csv"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({**r, "images": json.dumps(r["images"])} for r in rows)
+    folder = tmp_path / "folder"
+    write_source(folder, name="train.jsonl")
+    saved = tmp_path / "saved"
+    features = Features({"images": List(Image()), "prompt": Value("string"), "response": Value("string"),
+                         "id": Value("string")})
+    Dataset.from_dict({"images": [[str(source.parent / p) for p in r["images"]] for r in rows],
+                       "prompt": [r["prompt"] for r in rows], "response": [r["response"] for r in rows],
+                       "id": [r["id"] for r in rows]}, features=features).save_to_disk(str(saved))
+    built = {}
+    for name, data in (("jsonl", source), ("csv", csv_path), ("folder", folder), ("saved", saved)):
+        out = tmp_path / name / "pairs.jsonl"
+        swap(str(data), out, strategy="same-prompt", negatives=2, seed=4)
+        built[name] = [(r["source_row"], r["negative_row"], pictures(r, "rejected_images", out.parent))
+                       for r in read_jsonl(out)]
+    assert built["csv"] == built["jsonl"] == built["folder"] == built["saved"] and len(built["jsonl"]) == 14
+
+    broken = tmp_path / "broken.jsonl"
+    lines = source.read_text().splitlines()
+    lines[2] = '{"images": ["img/x.png"], "prompt": '  # truncated record
+    broken.write_text("\n".join(lines).replace("img/", str(source.parent / "img") + "/") + "\n")
+    with pytest.raises(ADPODataError, match="row 2"):
+        swap(str(broken), tmp_path / "b.jsonl")
+    report = swap(str(broken), tmp_path / "b.jsonl", on_bad_rows="skip")
+    assert report.source_rows == 10 and report.n_skipped == 1
+    assert [rows for why, rows in report.skipped.items()] == [[2]]
+    # Rows keep their record numbers around the record left out.
+    rebuilt = read_jsonl(tmp_path / "b.jsonl")
+    assert sorted({r["source_row"] for r in rebuilt}) == [0, 1, 3, 4, 5, 6, 7, 8, 9]
+    assert all(r["response"] == SOURCE[r["source_row"]][3] for r in rebuilt)
+    assert all(SOURCE[r["negative_row"]][3] != r["response"] for r in rebuilt)

@@ -57,6 +57,9 @@ REFUSED = [
     ("--lora_dropout", "nan", "--lora_dropout must be in [0, 1)"),
     ("--pad_to_multiple_of", "-8", "--pad_to_multiple_of must be a positive number"),
     ("--pad_to_multiple_of", "0", "--pad_to_multiple_of must be a positive number"),
+    ("--num_train_epochs", "0", "--num_train_epochs 0.0 (and no --max_steps) trains nothing"),
+    ("--per_device_train_batch_size", "0", "--per_device_train_batch_size must be at least 1, got 0"),
+    ("--gradient_accumulation_steps", "0", "--gradient_accumulation_steps must be at least 1, got 0"),
 ]
 
 

@@ -23,6 +23,15 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
+def auto_dataloader_workers(accelerator: bool) -> int:
+    """Dataloader workers for ``--dataloader_num_workers -1``: with a GPU, half the CPU cores up to 8, so decoding
+    and collation overlap the GPU's step; on a CPU-only machine, none (workers would take cores from the step)."""
+    if not accelerator:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(8, cores // 2))
+
+
 @dataclass
 class LoadArguments:
     """How a model and its reference are loaded: shared by ``adpo-train`` and ``adpo-eval``."""
@@ -259,6 +268,12 @@ class ADPOConfig(TrainingArguments):
                   "occurrence."},
     )
     # Defaults that differ from TrainingArguments'.
+    dataloader_num_workers: int = field(
+        default=-1,
+        metadata={"help": "Processes that decode images and collate batches while the model computes. -1 (auto): "
+                  "with a GPU, min(8, CPU cores / 2) (collation then leaves the step's critical path); without "
+                  "one, 0 (the CPU that collates is the one that computes). 0: collate in the main process."},
+    )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the collator needs the raw rows (text and images)."}
     )
@@ -272,6 +287,10 @@ class ADPOConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        if self.dataloader_num_workers == -1:
+            self.dataloader_num_workers = auto_dataloader_workers(_has_accelerator())
+        elif self.dataloader_num_workers < -1:
+            raise ValueError(f"--dataloader_num_workers must be >= 0, or -1 (auto); got {self.dataloader_num_workers}.")
         check_training_values(self)  # before anything is set up for a run that cannot work
         if not _has_accelerator():
             self.dataloader_pin_memory = False  # nothing to pin for
@@ -331,6 +350,12 @@ def check_training_values(args: Any) -> None:
         if value < low or (value == low and not inclusive):
             bound = f">= {low:g}" if inclusive else "positive"
             raise ValueError(f"--{name} must be {bound}, got {value}: {why}.")
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    if args.max_steps <= 0 and args.num_train_epochs <= 0:
+        raise ValueError(f"--num_train_epochs {args.num_train_epochs} (and no --max_steps) trains nothing; give a "
+                         "positive number of epochs or --max_steps.")
     if args.use_cpu and args.deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # DeepSpeed would count each CPU process as a world of one and fail its batch-size check.
         raise ValueError("--use_cpu with --deepspeed under a multi-process launcher (torchrun, accelerate launch) "

@@ -112,7 +112,9 @@ def _expand(output: Any, sizes: dict[int, list[int]]) -> Any:
 
 
 def _vision_tower(model: nn.Module) -> tuple[nn.Module, str] | None:
-    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    from .packing import unwrapped_base
+
+    base = unwrapped_base(model)
     layout = LAYOUTS.get(getattr(base.config, "model_type", ""))
     path = component_path(base, "vision_tower")
     if layout is None or path is None:

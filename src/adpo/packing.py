@@ -13,8 +13,10 @@ Attention within sequences only:
 
 - ``sdpa`` / ``eager`` (what a CPU has): the language model's attention runs once per sequence on its slice of the
   packed row (the model's own kernel, ``is_causal``), so attention costs ``Σ n_i²``, never the ``T²`` of one long
-  row. Models with a non-causal part (Gemma 3's bidirectional attention inside an image, sliding windows) get
-  transformers' block-diagonal mask built from the packed position ids, and each sequence its diagonal block.
+  row. Models with a non-causal part (sliding windows) get transformers' block-diagonal mask built from the packed
+  position ids, and each sequence its diagonal block. The language model's attention implementation is switched
+  to adpo's wrapper of the same kernel at the first packed batch and stays (padded batches run the original kernel
+  and mask; gradient checkpointing's recomputation in backward sees the boundaries as a layer input).
 - ``flash_attention_*`` / ``flex_attention``: transformers' own packed-sequence support (varlen kernels from the
   position ids), untouched.
 
@@ -57,19 +59,27 @@ UNPACKABLE = {
 # Attention implementations that pack natively in transformers (varlen from packed position ids).
 NATIVE = ("flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention")
 
-# Boundaries [0, n_0, n_0 + n_1, ..., T] of the sequences in the packed row now being run (python ints: no syncs).
-_BOUNDS: ContextVar[tuple[int, ...] | None] = ContextVar("adpo_packed_bounds", default=None)
+# Model input carrying the packed row's sequence boundaries (R + 1,) as a CPU long tensor, down to the attention
+# layers (transformers passes model kwargs to every attention call). A layer input, so gradient checkpointing's
+# recomputation in backward sees the same boundaries as the forward.
+BOUNDS_KWARG = "adpo_packed_bounds"
+# Set while a packed forward builds its masks: the causal-only families need none (each sequence runs is_causal).
+_SKIP_MASK: ContextVar[bool] = ContextVar("adpo_packed_skip_mask", default=False)
 
 
 def _per_sequence(kernel: Any) -> Any:
-    """An attention function that runs ``kernel`` once per sequence of the packed row (query (1, H, T, D))."""
+    """An attention function that runs ``kernel`` once per sequence of a packed row (query (1, H, T, D)) when the
+    call carries :data:`BOUNDS_KWARG`, else exactly ``kernel`` (padded batches)."""
 
     def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        bounds = _BOUNDS.get()
-        if bounds is None or query.shape[0] != 1 or query.shape[2] != bounds[-1]:
-            raise RuntimeError("adpo's packed attention ran outside a packed forward (or on a row of another "
-                               "length); it is set only for the duration of adpo.packing.packed_forward.")
+        bounds = kwargs.pop(BOUNDS_KWARG, None)
+        if bounds is None:
+            return kernel(module, query, key, value, attention_mask, **kwargs)
+        bounds = bounds.tolist()  # a CPU tensor: no device sync
+        if query.shape[0] != 1 or query.shape[2] != bounds[-1]:
+            raise RuntimeError(f"packed attention got a query of shape {tuple(query.shape)} for a packed row of "
+                               f"{bounds[-1]} tokens")
         outs = []
         for start, end in zip(bounds[:-1], bounds[1:], strict=True):
             mask = None if attention_mask is None else attention_mask[..., start:end, start:end]
@@ -81,16 +91,19 @@ def _per_sequence(kernel: Any) -> Any:
     return attention
 
 
-# name → (kernel, mask builder or None). Without a mask builder transformers builds no mask (causal per sequence).
-_KERNELS = {
-    "adpo_packed_sdpa": (sdpa_attention_forward, None),
-    "adpo_packed_sdpa_masked": (sdpa_attention_forward, sdpa_mask),
-    "adpo_packed_eager_masked": (eager_attention_forward, eager_mask),
-}
-for _name, (_kernel, _mask) in _KERNELS.items():
-    AttentionInterface.register(_name, _per_sequence(_kernel))
-    if _mask is not None:
-        AttentionMaskInterface.register(_name, _mask)
+def _mask_unless_skipped(builder: Any) -> Any:
+    def build(*args: Any, **kwargs: Any) -> Any:
+        return None if _SKIP_MASK.get() else builder(*args, **kwargs)
+
+    return build
+
+
+# Our name for each base implementation: the same kernel and mask for padded batches, per sequence when packed.
+_WRAPPED = {"sdpa": "adpo_packed_sdpa", "eager": "adpo_packed_eager"}
+for _base_name, _kernel, _mask in (("sdpa", sdpa_attention_forward, sdpa_mask),
+                                   ("eager", eager_attention_forward, eager_mask)):
+    AttentionInterface.register(_WRAPPED[_base_name], _per_sequence(_kernel))
+    AttentionMaskInterface.register(_WRAPPED[_base_name], _mask_unless_skipped(_mask))
 
 
 @dataclass
@@ -101,32 +114,37 @@ class PackedBatch:
     bounds: tuple[int, ...]  # (R + 1,) sequence boundaries in the packed row
 
 
-def _base(model: nn.Module) -> nn.Module:
-    """The ``PreTrainedModel`` under PEFT wrappers (DDP/DeepSpeed are unwrapped by the caller)."""
+def unwrapped_base(model: nn.Module) -> nn.Module:
+    """The ``PreTrainedModel`` under torch.compile and PEFT wrappers (DDP/DeepSpeed are unwrapped by the caller)."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
 
 
 def packing_blocker(model: nn.Module, inputs: dict[str, torch.Tensor]) -> str | None:
     """Why the batch ``inputs`` cannot be packed for ``model``, or None if it can."""
-    config = _base(model).config
+    config = unwrapped_base(model).config
     model_type = getattr(config, "model_type", "")
     if model_type in UNPACKABLE:
         return f"{model_type}: {UNPACKABLE[model_type]}"
     if "cross_attention_mask" in inputs:
         return "the batch has a per-row cross-attention mask"
-    if getattr(_base(model), "is_gradient_checkpointing", False):
+    if getattr(unwrapped_base(model), "is_gradient_checkpointing", False):
         # The backward pass recomputes checkpointed layers outside packed_attention, i.e. with attention across
         # the packed sequences: wrong gradients (re-entrant) or a CheckpointError (non-re-entrant).
         return GRADIENT_CHECKPOINTING
-    if not getattr(_base(model), "_supports_attention_backend", False):
-        return f"{type(_base(model)).__name__} does not take transformers' attention backends"
+    if not getattr(unwrapped_base(model), "_supports_attention_backend", False):
+        return f"{type(unwrapped_base(model)).__name__} does not take transformers' attention backends"
+    layer_types = set(getattr(config.get_text_config(), "layer_types", None) or ())
+    if layer_types - {"full_attention", "sliding_attention"}:
+        return (f"its language model has {sorted(layer_types - {'full_attention', 'sliding_attention'})} layers, "
+                "whose state would run along the packed row across sequences")
     if "attention_mask" not in inputs:
         return "the batch has no attention mask to find its padding in"
     if inputs["attention_mask"].dim() != 2:
         return "the batch's attention mask is not a (rows, seq) padding mask"
     implementation = config.get_text_config()._attn_implementation
-    if implementation not in (*NATIVE, "sdpa", "eager"):
+    if implementation not in (*NATIVE, *_WRAPPED, *_WRAPPED.values()):
         return f"attention implementation {implementation!r} has no packed form"
     return None
 
@@ -158,7 +176,7 @@ def pack(inputs: dict[str, torch.Tensor], response_mask: torch.Tensor,
 
 def _rope_positions(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
     """(3, R, L) multimodal rotary positions of the padded rows, for models that compute them (Qwen-VL)."""
-    owner = next((m for m in _base(model).modules() if hasattr(type(m), "get_rope_index")), None)
+    owner = next((m for m in unwrapped_base(model).modules() if hasattr(type(m), "get_rope_index")), None)
     if owner is None:
         return None
     accepted = inspect.signature(owner.get_rope_index).parameters
@@ -178,25 +196,30 @@ def _needs_mask(config: Any) -> bool:
     return getattr(config, "model_type", "") == "gemma3" or getattr(text, "use_bidirectional_attention", False)
 
 
+def use_packable_attention(model: nn.Module) -> None:
+    """Switch the language model of ``model`` from ``sdpa``/``eager`` to adpo's wrapper of the same kernel (for
+    good: padded batches run the original kernel and mask unchanged; not saved with the model). It must stay in
+    place through backward, where gradient checkpointing re-runs the attention layers."""
+    text = unwrapped_base(model).config.get_text_config()
+    if text._attn_implementation in _WRAPPED:
+        text._attn_implementation = _WRAPPED[text._attn_implementation]
+
+
 @contextmanager
-def packed_attention(model: nn.Module, bounds: tuple[int, ...]) -> Iterator[None]:
-    """For the duration, the language model's attention runs per sequence of a packed row with ``bounds``."""
-    text = _base(model).config.get_text_config()
-    implementation = text._attn_implementation
-    if implementation in NATIVE:
+def packed_attention(model: nn.Module, batch: PackedBatch) -> Iterator[None]:
+    """For the duration, the model's attention runs per sequence of ``batch``'s packed row (adds
+    :data:`BOUNDS_KWARG` to ``batch.inputs`` where the attention is adpo's)."""
+    base = unwrapped_base(model)
+    use_packable_attention(model)
+    if base.config.get_text_config()._attn_implementation in NATIVE:
         yield
         return
-    if implementation == "eager":
-        name = "adpo_packed_eager_masked"
-    else:
-        name = "adpo_packed_sdpa_masked" if _needs_mask(_base(model).config) else "adpo_packed_sdpa"
-    token = _BOUNDS.set(bounds)
-    text._attn_implementation = name
+    batch.inputs[BOUNDS_KWARG] = torch.tensor(batch.bounds)
+    token = _SKIP_MASK.set(not _needs_mask(base.config))
     try:
         yield
     finally:
-        text._attn_implementation = implementation
-        _BOUNDS.reset(token)
+        _SKIP_MASK.reset(token)
 
 
 _logged: set[str] = set()
@@ -232,5 +255,5 @@ def packed_forward(
 
     ``model``: the unwrapped model (PEFT allowed). Yields the :class:`PackedBatch` to call the model with."""
     batch = pack(inputs, response_mask, _rope_positions(model, inputs))
-    with packed_attention(model, batch.bounds):
+    with packed_attention(model, batch):
         yield batch

@@ -104,7 +104,7 @@ def from_dpo(
         if not isinstance(row.get(rejected), str) or not row[rejected].strip():
             from ..data import ADPODataError
 
-            raise ADPODataError(i, rejected, "missing or empty (the DPO pair's rejected answer)")
+            raise ADPODataError(source.row_ids[i], rejected, "missing or empty (the DPO pair's rejected answer)")
 
     def dpo(row: dict[str, Any]) -> dict[str, Any]:
         return {"prompt": row[prompt], "chosen_response": row[chosen], "rejected_response": row[rejected]}

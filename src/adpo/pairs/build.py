@@ -80,6 +80,7 @@ class SourceColumns:
     responses: list[str | None]
     images: list[tuple[str, ...]]  # sha256 of each image's bytes
     bad: dict[int, str]  # row → why it cannot be used
+    ids: list[int]  # each row's record number in the input (seeds its generator)
 
     def usable(self) -> list[int]:
         return [i for i in range(len(self.prompts)) if i not in self.bad]
@@ -105,20 +106,21 @@ def read_columns(
     prompts, responses, bad = source.column(prompt), source.column(response), {}
     fingerprints: list[tuple[str, ...]] = []
     for i, row in enumerate(tqdm(source.rows(), total=len(source), desc="reading rows", unit="row")):
+        rid = source.row_ids[i]  # errors and reports name the record's number in the input
         try:
-            row_text(row, prompt, i)
-            row_text(row, response, i)
-            values = row_image_list(row, images, i)
+            row_text(row, prompt, rid)
+            row_text(row, response, rid)
+            values = row_image_list(row, images, rid)
             if not values:
-                raise ADPODataError(i, images, "has no image")
-            fingerprints.append(tuple(_digest(v, source, i, images) for v in values))
+                raise ADPODataError(rid, images, "has no image")
+            fingerprints.append(tuple(_digest(v, source, rid, images) for v in values))
         except ADPODataError as err:
             if on_bad_rows == "error":
                 raise
             bad[i] = f"{err.field}: {err.problem.split(':')[0]}"
             fingerprints.append(())
-            report.skip(bad[i], i)
-    return SourceColumns(prompts, responses, fingerprints, bad)
+            report.skip(bad[i], rid)
+    return SourceColumns(prompts, responses, fingerprints, bad, list(source.row_ids))
 
 
 def _digest(value: Any, source: Source, row: int, field: str) -> str:
@@ -145,7 +147,7 @@ def plan_random(cols: SourceColumns, negatives: int, seed: int) -> Iterator[tupl
     responses = [normalise(r) if r is not None else "" for r in cols.responses]
     usable = cols.usable()
     for i in usable:
-        rng = row_rng(seed, i)
+        rng = row_rng(seed, cols.ids[i])
         picked: list[int] = []
         for _ in range(_RANDOM_TRIES):  # most draws succeed: try cheaply before listing every candidate
             j = usable[rng.randrange(len(usable))]
@@ -168,7 +170,7 @@ def plan_same_prompt(cols: SourceColumns, negatives: int, seed: int) -> Iterator
         groups[normalise(cols.prompts[i])].append(i)
     for i in cols.usable():
         rest = [j for j in groups[normalise(cols.prompts[i])] if is_negative(cols, i, j, responses)]
-        yield i, row_rng(seed, i).sample(rest, min(negatives, len(rest)))
+        yield i, row_rng(seed, cols.ids[i]).sample(rest, min(negatives, len(rest)))
 
 
 def plan_similar(
@@ -263,10 +265,10 @@ def plan_swap(
     pairs: list[tuple[int, int]] = []
     for i, chosen in plan:
         if not chosen:
-            report.skip(why, i)
+            report.skip(why, source.row_ids[i])
         elif len(chosen) < negatives:
             report.short.setdefault(f"only {len(chosen)} valid negative(s): {why.replace('no other', 'few other')}",
-                                    []).append(i)
+                                    []).append(source.row_ids[i])
         pairs += [(i, j) for j in chosen]
     report.output_rows = len(pairs)
     return SwapPlan(pairs, report), cols
@@ -292,12 +294,13 @@ def swap_rows(
     """The planned ADPO rows: the source's prompt text and response on both sides, the source's images chosen,
     the negative's images rejected."""
     keep = passthrough_columns(source, (prompt, response, images))
+    ids = source.row_ids
     for i, j in plan.pairs:
         row, other = source.row(i), source.row(j)
-        chosen_images = _payloads(source, row, images, i)
+        chosen_images = _payloads(source, row, images, ids[i])
         out = {"response": row[response], "chosen": row[prompt], "chosen_images": chosen_images,
-               "rejected": row[prompt], "rejected_images": _payloads(source, other, images, j),
-               "source_row": i, "negative_row": j, "strategy": strategy}
+               "rejected": row[prompt], "rejected_images": _payloads(source, other, images, ids[j]),
+               "source_row": ids[i], "negative_row": ids[j], "strategy": strategy}
         out |= {c: row[c] for c in keep}
         if extra is not None:
             out |= extra(row) | {"prompt_images": chosen_images}
@@ -334,7 +337,7 @@ def plan_prompt_swap(
         by_image[cols.images[i]].append(i)
     plan: list[tuple[int, int | None, str]] = []
     for i in cols.usable():
-        rng, mine = row_rng(seed, i), normalise(cols.prompts[i])
+        rng, mine = row_rng(seed, cols.ids[i]), normalise(cols.prompts[i])
         if templates:
             options: list[tuple[int | None, str]] = [(None, t) for t in templates if normalise(t) != mine]
             why = "every template equals the row's prompt"
@@ -344,9 +347,9 @@ def plan_prompt_swap(
             why = "no other row shows the same images with another prompt and another response"
         chosen = rng.sample(options, min(negatives, len(options)))
         if not chosen:
-            report.skip(why, i)
+            report.skip(why, source.row_ids[i])
         elif len(chosen) < negatives:
-            report.short.setdefault(f"only {len(chosen)} other prompt(s)", []).append(i)
+            report.short.setdefault(f"only {len(chosen)} other prompt(s)", []).append(source.row_ids[i])
         plan += [(i, j, text) for j, text in chosen]
     report.output_rows = len(plan)
     return plan, report
@@ -358,9 +361,10 @@ def prompt_swap_rows(
 ) -> Iterator[dict[str, Any]]:
     """Rows whose two sides show the same images and differ in the prompt text (chosen: the row's own)."""
     keep = passthrough_columns(source, (prompt, response, images))
+    ids = source.row_ids
     for i, j, text in plan:
         row = source.row(i)
-        pictures = _payloads(source, row, images, i)
+        pictures = _payloads(source, row, images, ids[i])
         yield {"response": row[response], "chosen": row[prompt], "chosen_images": pictures, "rejected": text,
-               "rejected_images": pictures, "source_row": i, "negative_row": j,
+               "rejected_images": pictures, "source_row": ids[i], "negative_row": None if j is None else ids[j],
                "strategy": "prompt-swap" if j is not None else "prompt-template"} | {c: row[c] for c in keep}

@@ -144,7 +144,8 @@ def import_rows(source: Source, on_bad_rows: str, report: BuildReport) -> tuple[
     kind = "pairs" if fmt == "swift-pairs" else "swap input"
 
     def rows() -> Iterator[dict[str, Any]]:
-        for i, row in enumerate(tqdm(source.rows(), total=len(source), desc=f"importing {fmt} rows", unit="row")):
+        for k, row in enumerate(tqdm(source.rows(), total=len(source), desc=f"importing {fmt} rows", unit="row")):
+            i = source.row_ids[k]  # the record's number in the input
             try:
                 if fmt == "swift-pairs":
                     out = [swift_pair(source, row, i)]

@@ -41,6 +41,11 @@ class Source:
     dataset: Any  # datasets.Dataset
     image_root: str | None
     unreadable: list[ADPODataError] = field(default_factory=list)
+    row_ids: list[int] | None = None  # each row's record number in the input (default: its position)
+
+    def __post_init__(self) -> None:
+        if self.row_ids is None:
+            self.row_ids = list(range(len(self.dataset)))
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -85,15 +90,18 @@ def load_source(
     if path.is_dir() and data._is_saved_dataset(path):
         return Source(name, undecoded(data._load_saved(path, split)), image_root)
     if path.is_file() or path.is_dir():
-        parts, unreadable = [], []
+        parts, unreadable, row_ids, offset = [], [], [], 0
         for file in [path] if path.is_file() else data.data_files(path, split):
             loaded = data._load_files(name, [file], None, on_bad_rows)
             root = image_root or str(file.resolve().parent)
-            parts.append(_resolve_paths(loaded.dataset, root))
-            unreadable += loaded.skipped
+            parts.append(_resolve_paths(loaded.dataset, root).remove_columns([data.ROW_ID]))
+            # Record numbers run on across the files, so every row and every unreadable record has its own.
+            row_ids += [offset + i for i in loaded.dataset[data.ROW_ID]]
+            unreadable += [ADPODataError(offset + err.row, err.field, err.problem, err.context)
+                           if err.row is not None else err for err in loaded.skipped]
+            offset += len(loaded.dataset) + len(loaded.skipped)
         dataset = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
-        return Source(name, undecoded(dataset.remove_columns([c for c in [data.ROW_ID]
-                                                               if c in dataset.column_names])), None, unreadable)
+        return Source(name, undecoded(dataset), None, unreadable, row_ids)
     if data._looks_like_a_path(name):
         raise ValueError(f"{name}: no such file or folder.")
     return Source(name, undecoded(data._load_hub(name, config, split)), image_root)
@@ -168,15 +176,6 @@ def row_image_list(row: dict[str, Any], field: str, row_id: int) -> list[Any]:
     if isinstance(value, dict) and ("bytes" in value or "path" in value):
         return [value]  # a single Image feature
     return row_images(row, field, row_id)
-
-
-def image_fingerprints(source: Source, field: str, desc: str = "reading images") -> list[tuple[str, ...]]:
-    """Per row, the sha256 of each of its images' bytes (rows showing the same pictures get the same tuple)."""
-    out = []
-    for i, row in enumerate(tqdm(source.rows(), total=len(source), desc=desc, unit="row")):
-        values = row_image_list(row, field, i)
-        out.append(tuple(image_digest(image_payload(v, source.image_root, i, field)[0]) for v in values))
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ writing
