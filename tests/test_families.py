@@ -25,7 +25,7 @@ from adpo.cli import main
 from adpo.collator import SEQUENCE_KEYS, ADPOCollator
 from adpo.config import ADPOConfig, DataArguments, ModelArguments
 from adpo.data import ROW_ID
-from adpo.logprobs import head_output_unchanged, response_logps
+from adpo.logprobs import choose_lm_head, response_logps
 from adpo.modeling import (
     COMPONENTS,
     apply_lora,
@@ -245,14 +245,13 @@ def test_trainer_logps_equal_plain_forward(family: str, fused: bool, tiny: Any, 
     plain = torch.stack([_plain_response_logp(model, processor, row, side)
                          for side in ("chosen", "rejected") for row in ROWS])
     counts = batch["response_mask"].sum(1)
-    # The first call with a head scores with the model's own head and checks that the model returns the head's
-    # output unchanged; from the second call on the fused head stands in for it.
+    # The head is chosen on the first call (a no-grad probe), then used for every call.
     for call in range(2):
         _, metrics = trainer.loss_and_metrics(model, trainer._prepare_inputs(batch))
         trainer_logps = torch.cat([metrics["logps/chosen"], metrics["logps/rejected"]])
         torch.testing.assert_close(trainer_logps / counts, plain / counts, atol=1e-5, rtol=0, msg=f"call {call}")
         torch.testing.assert_close(trainer_logps, plain, atol=1e-5, rtol=1e-6, msg=f"call {call}")
-    assert head_output_unchanged(model.get_output_embeddings()) is (True if fused else None)
+    assert trainer.lm_head["policy"].fused is fused
 
 
 def test_paligemma_response_is_the_causal_suffix(tiny: Any) -> None:
@@ -278,11 +277,11 @@ def test_logit_softcapping_falls_back_to_the_models_head(tiny: Any, mixed_jsonl:
     batch = trainer._prepare_inputs(trainer.data_collator(_rows()))
     plain = torch.stack([_plain_response_logp(model, processor, row, side)
                          for side in ("chosen", "rejected") for row in ROWS])
-    for call in range(2):  # the first call finds the transform; the second must not use the fused head either
+    for call in range(2):  # the first call's probe finds the transform; no call uses the fused head
         _, metrics = trainer.loss_and_metrics(model, dict(batch))
         trainer_logps = torch.cat([metrics["logps/chosen"], metrics["logps/rejected"]])
         torch.testing.assert_close(trainer_logps, plain, atol=1e-5, rtol=1e-6, msg=f"call {call}")
-        assert head_output_unchanged(model.get_output_embeddings()) is False
+        assert trainer.lm_head["policy"].fused is False
     model.config.text_config.final_logit_softcapping = None
     uncapped = torch.stack([_plain_response_logp(model, processor, row, side)
                             for side in ("chosen", "rejected") for row in ROWS])
@@ -290,8 +289,8 @@ def test_logit_softcapping_falls_back_to_the_models_head(tiny: Any, mixed_jsonl:
     model.config.text_config.final_logit_softcapping = 0.05
     mask = batch.pop("response_mask")
     batch.pop("row_ids")
-    with pytest.raises(ValueError, match="transforms its LM head's output.*--fused_lm_head false"):
-        response_logps(model, model.get_output_embeddings(), batch, mask, fused=True)
+    with pytest.raises(ValueError, match="transforms its LM head's output.*--fused_lm_head auto or model"):
+        choose_lm_head(model, model.get_output_embeddings(), batch, mask, "fused")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
