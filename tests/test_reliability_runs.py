@@ -390,3 +390,11 @@ def test_failures_end_in_one_line_and_an_exit_status(raised, code, words, capsys
         run_entry_point(entry, "adpo")
     err = capsys.readouterr().err
     assert info.value.code == code and words in err and "Traceback" not in err
+
+
+def test_weights_check_ignores_empty_parameter_shards():
+    """Under ZeRO-3 each process holds empty placeholders for parameters it does not own."""
+    from adpo.guard import _all_finite
+
+    assert _all_finite([torch.empty(0), torch.ones(2)]) and _all_finite([torch.empty(0)])
+    assert not _all_finite([torch.empty(0), torch.tensor([1.0, float("nan")])])
