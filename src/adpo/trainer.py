@@ -163,7 +163,7 @@ class ADPOTrainer(Trainer):
         unwrapped = self.accelerator.unwrap_model(model)
         head = unwrapped.get_output_embeddings()
         with each_image_once(unwrapped, self.args.deduplicate_images):  # adpo.image_dedup
-            if padding_free_decision(unwrapped, inputs, self.args.padding_free):
+            if padding_free_decision(unwrapped, inputs, self.args.padding_free, self.args.gradient_checkpointing):
                 with packed_forward(unwrapped, inputs, mask) as packed:  # adpo.packing
                     choice = self.lm_head.get(role) or self._choose_lm_head(role, model, packed.inputs,
                                                                              packed.response_mask)
