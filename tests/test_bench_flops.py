@@ -46,11 +46,11 @@ def tiny_setup(key: str, lora: bool, image_size: int):
 
 
 def counted(model, batch, mask, backward: bool) -> int:
-    with torch.no_grad():  # the first call with a head checks the model (with its own head); count the next one
-        response_logps(model, model.get_output_embeddings(), batch, mask)
+    """FLOPs of one response_logps call with adpo's fused head, decided up front as the trainer does (left to
+    decide, the call would run one more forward to choose)."""
     with FlopCounterMode(display=False) as counter:
         with torch.set_grad_enabled(backward):
-            out = response_logps(model, model.get_output_embeddings(), batch, mask)
+            out = response_logps(model, model.get_output_embeddings(), batch, mask, fused=True)
             if backward:
                 out.sums.sum().backward()
     return counter.get_total_flops()
