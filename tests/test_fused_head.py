@@ -402,3 +402,17 @@ def test_float64_model_through_response_logps(tiny_llama) -> None:
         results = [response_logps(model, head, batch, mask, fused=fused).sums for fused in (False, True)]
     assert results[1].dtype == torch.float32
     torch.testing.assert_close(results[1], results[0], rtol=1e-6, atol=1e-5)
+
+
+def test_fused_lm_head_flag_spellings_on_the_command_line_and_in_yaml(tmp_path) -> None:
+    """Old commands keep working: a bare --fused_lm_head means fused, true/false mean fused/model (also as YAML
+    booleans); the default is auto."""
+    from adpo.cli import parse_args
+
+    base = ["--output_dir", str(tmp_path), "--report_to", "none"]
+    for argv, want in (([], "auto"), (["--fused_lm_head"], "fused"), (["--fused_lm_head", "true"], "fused"),
+                       (["--fused_lm_head", "false"], "model"), (["--fused_lm_head", "model"], "model")):
+        assert parse_args([*base, *argv])[2].fused_lm_head == want, argv
+    config = tmp_path / "run.yaml"
+    config.write_text("fused_lm_head: false\n")
+    assert parse_args([*base, "--config", str(config)])[2].fused_lm_head == "model"

@@ -210,7 +210,7 @@ def _nonblank(reader: Any) -> Iterator[tuple[int, list[str]]]:
     """(line the record starts on, cells) for every record that is not a blank line."""
     start = 1
     for cells in reader:
-        if cells and any(c.strip() for c in cells) or len(cells) > 1:
+        if len(cells) > 1 or (cells and cells[0].strip()):  # a lone empty or blank cell is a blank line
             yield start, cells
         start = reader.line_num + 1
 
