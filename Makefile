@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test test-fast test-oldest lint clean
+.PHONY: demo test test-fast test-oldest test-torchvision lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,8 +44,23 @@ $(OLDEST_VENV)/.installed: pyproject.toml Makefile
 test-oldest: $(OLDEST_VENV)/.installed
 	HF_HUB_OFFLINE=1 $(OLDEST_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "fast and not slow"
 
+# A second environment with torchvision and timm (torch 2.14.1, whose torchvision imports on CPU; ~12 min, 5.8 GB):
+# the tests that need them (component table on Gemma 3n's timm tower, processors with real video processors).
+TV_VENV := .venv-torchvision
+TV_PIN := torch==2.14.1
+$(TV_VENV)/bin/.installed: pyproject.toml
+	$(PYTHON) -m venv $(TV_VENV)
+	$(TV_VENV)/bin/pip install -q --upgrade pip
+	$(TV_VENV)/bin/pip install -q "$(TV_PIN)" torchvision==0.29.1
+	$(TV_VENV)/bin/pip install -q -e ".[dev]" timm "$(TV_PIN)"
+	touch $@
+
+test-torchvision: $(TV_VENV)/bin/.installed
+	HF_HUB_OFFLINE=1 $(TV_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_families.py \
+		-k "components_resolve or reload_keeps or unavailable or errors_name"
+
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests bench train_adpo_multimodal.py
 
 clean:
-	rm -rf $(VENV) $(OLDEST_VENV) runs .pytest_cache
+	rm -rf $(VENV) $(OLDEST_VENV) $(TV_VENV) runs .pytest_cache

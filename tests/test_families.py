@@ -561,8 +561,15 @@ def test_processor_reload_keeps_every_setting(family: str, tiny: Any, tmp_path: 
     processor = load_processor(str(folder))
     processor.save_pretrained(tmp_path)
     before, after = _saved_processor(folder), _saved_processor(tmp_path)
-    for key in ("processor_config", "chat_template", "vocabulary"):
+    for key in ("chat_template", "vocabulary"):
         assert after[key] == before[key], key
+    # Every saved setting keeps its value; a part that can be built here (a video processor with torchvision)
+    # also writes its class defaults.
+    for key, value in before["processor_config"].items():
+        if isinstance(value, dict):
+            assert {k: after["processor_config"][key].get(k) for k in value} == value, key
+        else:
+            assert after["processor_config"][key] == value, key
     special = [k for k in before["tokenizer"] if k.endswith("_token") or k == "extra_special_tokens"]
     assert special and {k: after["tokenizer"].get(k) for k in special} == {k: before["tokenizer"][k] for k in special}
     saved = before["processor_config"]
@@ -655,6 +662,8 @@ def _small(config: Any) -> None:
     for key in ("num_hidden_layers", "depth", "num_layers", "num_global_layers"):
         if isinstance(getattr(config, key, None), int) and getattr(config, key) > 1:
             setattr(config, key, 1)
+    if getattr(config, "num_kv_shared_layers", 0):  # Gemma 3n: layers that reuse earlier layers' caches
+        config.num_kv_shared_layers = 0
     if isinstance(getattr(config, "layer_types", None), list):
         config.layer_types = config.layer_types[-1:]
     for key in ("text_config", "vision_config", "audio_config"):
@@ -683,7 +692,9 @@ def test_components_resolve_for_every_supported_model_type(model_type: str) -> N
     owner: dict[str, str] = {}
     for component in COMPONENTS:
         modules = component_modules(model, component)
-        assert any(isinstance(m, nn.Linear) for m in modules.values()) or component == "mm_projector", component
+        assert any(next(m.parameters(recurse=False), None) is not None for m in modules.values()), component
+        # (Gemma 3's projector and Gemma 3n's MobileNet tower have no Linear layer: LoRA trains them whole.)
+        assert any(isinstance(m, nn.Linear) for m in modules.values()) or component != "language_model"
         for name, module in modules.items():
             for param_name, _ in module.named_parameters(recurse=False):
                 assert owner.setdefault(f"{name}.{param_name}", component) == component, (name, component)

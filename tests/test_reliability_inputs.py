@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -352,3 +353,22 @@ def test_rows_to_dataset_reads_files_as_training_does(tmp_path):
         rows_to_dataset(tmp_path / "rows.jsonl")
     (tmp_path / "rows.csv").write_bytes(b"\xef\xbb\xbfresponse,chosen,rejected\r\nR,a,b\r\n")
     assert rows_to_dataset(tmp_path / "rows.csv")[0]["response"] == "R"  # the BOM is not part of the name
+
+
+@pytest.mark.parametrize(("family", "field", "token"), [
+    ("gemma3", "chosen", "<image_soft_token>"),  # the token the processor expands <start_of_image> into
+    ("gemma3", "response", "<end_of_turn>"),
+    ("qwen2_vl", "rejected", "<|video_pad|>"),
+    ("qwen2_vl", "response", "<|im_end|>"),
+])
+def test_model_side_tokens_of_other_families_are_caught_in_validation(family, field, token, tmp_path_factory):
+    from adpo.processing import load_processor
+    from adpo.testing.tiny import build_tiny
+
+    collator = ADPOCollator(load_processor(build_tiny(family, tmp_path_factory.mktemp(family))), multimodal=True)
+    row = {ROW_ID: 5, **ROW, "chosen_images": [draw_shape("circle", "red")],
+           "rejected_images": [draw_shape("circle", "green")]}
+    check_row(row, collator)
+    with pytest.raises(ADPODataError, match=rf"^row 5, field '{field}': contains the special token "
+                       rf"'{re.escape(token)}'"):
+        check_row({**row, field: f"{row[field]} {token}"}, collator)
