@@ -28,7 +28,8 @@ def test_torch_compile_trains_like_eager(tiny_llama: Path, tmp_path: Path) -> No
         trainer, _ = build_trainer(
             ModelArguments(model_name_or_path=str(tiny_llama)), DataArguments(dataset_name=str(data)),
             ADPOConfig(output_dir=str(tmp_path / f"run{compiled}"), report_to=[], use_cpu=True, max_steps=2,
-                       per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=1, optim="sgd", save_strategy="no",
+                       per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=1, optim="sgd",
+                       save_strategy="no",
                        torch_compile=compiled, seed=0, disable_tqdm=True))
         trainer.train()
         logs = [e for e in trainer.state.log_history if "loss" in e]
