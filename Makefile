@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test lint clean
+.PHONY: demo test test-torchvision lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,23 @@ test: $(BIN)/.installed
 	$(BIN)/ruff check src tests bench train_adpo_multimodal.py
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider
 
+# A second environment with torchvision and timm (torch 2.14.1, whose torchvision imports on CPU; ~12 min, 5.8 GB):
+# the tests that need them (component table on Gemma 3n's timm tower, processors with real video processors).
+TV_VENV := .venv-torchvision
+TV_PIN := torch==2.14.1
+$(TV_VENV)/bin/.installed: pyproject.toml
+	$(PYTHON) -m venv $(TV_VENV)
+	$(TV_VENV)/bin/pip install -q --upgrade pip
+	$(TV_VENV)/bin/pip install -q "$(TV_PIN)" torchvision==0.29.1
+	$(TV_VENV)/bin/pip install -q -e ".[dev]" timm "$(TV_PIN)"
+	touch $@
+
+test-torchvision: $(TV_VENV)/bin/.installed
+	HF_HUB_OFFLINE=1 $(TV_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_families.py \
+		-k "components_resolve or reload_keeps or unavailable or errors_name"
+
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests bench train_adpo_multimodal.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(TV_VENV) runs .pytest_cache

@@ -6,9 +6,11 @@ responses (R tokens each) under one prompt (P tokens); adpo scores one response 
 
 Each configuration runs in its own subprocess (clean peak memory), in alternating order, and the ratios are
 computed from numbers measured in this one run. Memory on CPU is the resident set size (RSS), sampled every
-millisecond; "step memory" is the peak during the timed steps minus the RSS when the first timed step starts
-(after warm-up: weights, reference, optimizer state and data already resident), which is what a training step
-itself needs. On CUDA, torch's allocator statistics are used instead.
+millisecond; a step's memory is its peak minus the RSS when the first step starts (weights, reference and data
+resident), which is what training needs on top of them, and "step memory" is the largest over EVERY step, the
+first one included (a first step that held more, e.g. full logits before a head is chosen, must show). The first
+step's and the later steps' figures are also reported. On CUDA, torch's allocator statistics are used instead.
+Speed is timed over the steps after the warm-up.
 
     python bench/bench_trl.py                      # both models, live + precomputed reference (CPU)
     python bench/bench_trl.py --models tiny --steps 3
@@ -106,24 +108,30 @@ def worker(args: argparse.Namespace) -> dict:
                   max_steps=args.steps + args.warmup, learning_rate=1e-6, logging_steps=10**6, report_to="none",
                   save_strategy="no", use_cpu=not cuda, bf16=cuda, dataloader_num_workers=args.workers, seed=0,
                   disable_tqdm=True, gradient_checkpointing=args.gradient_checkpointing)  # TRL defaults it to True
+    if args.freeze_vocab:  # --vocab: plain SGD keeps no optimizer state, so step 1 allocates nothing later steps reuse
+        common["optim"] = "sgd"
 
     step_times: list[float] = []
-    steady: dict[str, int] = {}
+    step_peak: list[int] = []  # bytes, per step (the first included): the peak during the step
+    start: dict[str, int] = {}  # memory when the first step began: weights, reference and data resident
     rss = PeakRSS()
 
     class Clock(TrainerCallback):
         def on_step_begin(self, *a, **k):  # noqa: ANN002, ANN003
             if cuda:
                 torch.cuda.synchronize()
-            if len(step_times) == args.warmup:  # optimizer state exists from here on: measure steps, not set-up
-                steady["base"] = PeakRSS.now()
-                rss.peak = steady["base"]
+                torch.cuda.reset_peak_memory_stats()
+                start.setdefault("mem", torch.cuda.memory_allocated())
+            else:
+                rss.peak = PeakRSS.now()
+                start.setdefault("mem", rss.peak)
             self.t = time.perf_counter()
 
         def on_step_end(self, *a, **k):  # noqa: ANN002, ANN003
             if cuda:
                 torch.cuda.synchronize()
             step_times.append(time.perf_counter() - self.t)
+            step_peak.append(torch.cuda.max_memory_allocated() if cuda else max(rss.peak, PeakRSS.now()))
 
     if args.trainer == "trl":
         from datasets import Dataset
@@ -139,7 +147,7 @@ def worker(args: argparse.Namespace) -> dict:
         from adpo import ADPOCollator, ADPOConfig, ADPOTrainer
 
         extra = {"precompute_ref_log_probs": True} if args.ref == "precomputed" else {}
-        config = ADPOConfig(**common, beta=0.1, fused_lm_head=not args.model_head, **extra)
+        config = ADPOConfig(**common, beta=0.1, fused_lm_head="model" if args.model_head else "fused", **extra)
         collator = ADPOCollator(tokenizer, multimodal=False)
         from datasets import Dataset
 
@@ -154,25 +162,22 @@ def worker(args: argparse.Namespace) -> dict:
         "ref_kept": ref_model is not None,
         "ref_device": str(next(ref_model.parameters()).device) if ref_model is not None else None,
     }
-    before = PeakRSS.now()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        gpu_before = torch.cuda.memory_allocated()
     with rss:
         trainer.train()
     timed = step_times[args.warmup:]
-    gpu = {}
+    gb = 2**30
+    step_mem = [peak - start["mem"] for peak in step_peak]
+    memory = {"first_step_mem_gb": step_mem[0] / gb, "later_step_mem_gb": max(step_mem[1:], default=0) / gb,
+              "gpu_step_mem_gb" if cuda else "step_mem_gb": max(step_mem) / gb}
     if cuda:
-        peak = torch.cuda.max_memory_allocated()
-        gpu = {"gpu_peak_gb": peak / 2**30, "gpu_step_mem_gb": (peak - gpu_before) / 2**30}
-    return {**gpu, **placement,
+        memory["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / gb
+    return {**memory, **placement,
         "trainer": args.trainer, "ref": args.ref, "model": args.model,
         "pairs_per_s": args.batch_size * len(timed) / sum(timed),
         "step_s": sum(timed) / len(timed),
         "train_wall_s": time.perf_counter() - t_setup,
         "tokens_per_sequence": round(lengths, 1),
         "peak_rss_gb": rss.peak / 2**30,
-        "step_mem_gb": (rss.peak - steady.get("base", before)) / 2**30,
     }
 
 
@@ -238,7 +243,10 @@ def compare(args: argparse.Namespace) -> None:
 
 
 def vocab_memory(args: argparse.Namespace) -> None:
-    """Step memory at 8k and 131k vocabulary, with adpo's fused head (default) and with the model's own head."""
+    """Step memory at 8k and 131k vocabulary, with adpo's fused head (default) and with the model's own head.
+
+    A separate frozen reference (as by default), embedding and head frozen, plain SGD: step 1 then has nothing to
+    allocate that later steps keep (no optimizer state), so its memory compares with theirs directly."""
     tmp = Path(tempfile.mkdtemp())
     results = {}
     for vocab in (8192, 131072):
@@ -250,13 +258,15 @@ def vocab_memory(args: argparse.Namespace) -> None:
                    *(["--model_head"] if head == "model" else [])]
             r = results[vocab, head] = run_worker(cli)
             print(f"vocab {vocab}, {head} head: tokens/seq {r['tokens_per_sequence']}, step memory "
-                  f"{r['step_mem_gb']:.3f} GB, peak RSS {r['peak_rss_gb']:.2f} GB, {r['step_s']:.2f} s/step",
-                  flush=True)
+                  f"{r['step_mem_gb']:.3f} GB (step 1: {r['first_step_mem_gb']:.3f} GB, later steps: "
+                  f"{r['later_step_mem_gb']:.3f} GB), {r['step_s']:.2f} s/step", flush=True)
     print()
     for head in ("fused", "model"):
         ratio = results[131072, head]["step_mem_gb"] / results[8192, head]["step_mem_gb"]
-        flag = "" if head == "fused" else " (--fused_lm_head false)"
-        print(f"step memory 131k / 8k vocabulary, {head} head{flag}: {ratio:.2f}x")
+        flag = " (--fused_lm_head fused)" if head == "fused" else " (--fused_lm_head model)"
+        first = results[131072, head]["first_step_mem_gb"] / max(results[131072, head]["later_step_mem_gb"], 1e-9)
+        print(f"{head} head{flag}: step memory 131k / 8k vocabulary {ratio:.2f}x; at 131k, step 1 / later steps "
+              f"{first:.2f}x")
 
 
 def main() -> None:
@@ -282,7 +292,7 @@ def main() -> None:
     parser.add_argument("--vocab", action="store_true", help="step memory vs vocabulary size")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--freeze_vocab", action="store_true", help="freeze the embedding and LM head weights")
-    parser.add_argument("--model_head", action="store_true", help="adpo with --fused_lm_head false")
+    parser.add_argument("--model_head", action="store_true", help="adpo with --fused_lm_head model")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="both trainers (equal work)")
     parser.add_argument("--hidden_size", type=int, help="override the 'big' model's hidden size")
     parser.add_argument("--num_layers", type=int, help="override the 'big' model's layer count")

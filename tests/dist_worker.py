@@ -3,8 +3,6 @@
 - DeepSpeed's CPU shared-memory comm kernel is not JIT-compiled (minutes of C++ on a CI machine); DeepSpeed
   then communicates over plain gloo, as every other CPU test does.
 - ADPO_TEST_KILL_AFTER_SAVE=N: SIGKILL this process right after the checkpoint of step N is written.
-- ADPO_TEST_TEXT_ONLY_ROWS=1: a batch whose rows carry no image is collated as text, so in a multimodal run some
-  ranks run forwards without pixel_values (what text-only rows in an image dataset produce).
 - It prints how the reference model was placed, and after training whether the process group was left
   initialized (cli.main must tear it down).
 """
@@ -20,7 +18,6 @@ from typing import Any
 from transformers import TrainerCallback
 
 from adpo import cli, pipeline
-from adpo.collator import ADPOCollator
 
 
 class KillAfterSave(TrainerCallback):
@@ -30,22 +27,6 @@ class KillAfterSave(TrainerCallback):
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
-
-
-class TextOnlyRowsCollator:
-    """Collate image rows with ``images``; a batch of rows without images with ``text`` (multimodal off)."""
-
-    def __init__(self, images: ADPOCollator) -> None:
-        self.images = images
-        self.text = ADPOCollator(images.processor, multimodal=False)
-        self.multimodal = True
-
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        has_images = [bool(row.get("chosen_images")) for row in rows]
-        if all(has_images):
-            return self.images(rows)
-        assert not any(has_images), "test batches are either all image rows or all text rows"
-        return self.text(rows)
 
 
 def describe_reference(trainer: Any) -> str:
@@ -66,23 +47,11 @@ def build_trainer(*args: Any, **kwargs: Any) -> Any:
     print(f"adpo-test: rank {trainer.args.process_index} reference {describe_reference(trainer)}", flush=True)
     if os.environ.get("ADPO_TEST_KILL_AFTER_SAVE"):
         trainer.add_callback(KillAfterSave(int(os.environ["ADPO_TEST_KILL_AFTER_SAVE"])))
-    if os.environ.get("ADPO_TEST_TEXT_ONLY_ROWS"):
-        trainer.data_collator = TextOnlyRowsCollator(trainer.data_collator)
     return trainer, processor
-
-
-def validate_splits(train: Any, eval_dataset: Any, collator: Any, data_args: Any) -> Any:
-    """With text-only rows on purpose, validation (which rejects image-less sides) checks the image rows only."""
-    keep = train.filter(lambda row: bool(row.get("chosen_images")))
-    _, _, reports = _validate_splits(keep, eval_dataset, collator, data_args)
-    return train, eval_dataset, reports
 
 
 _build_trainer = pipeline.build_trainer
 pipeline.build_trainer = build_trainer
-_validate_splits = pipeline.validate_splits
-if os.environ.get("ADPO_TEST_TEXT_ONLY_ROWS"):
-    pipeline.validate_splits = validate_splits
 
 if __name__ == "__main__":
     try:

@@ -8,6 +8,7 @@ the true gradient is ~0) would give weights that differ by ~lr, which says nothi
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -34,10 +35,11 @@ COMMON = [
     "--optim", "sgd", "--optim_args", "momentum=0.9", "--learning_rate", "0.5", "--lr_scheduler_type", "linear",
 ]
 
-# (chosen images, rejected images) per row; (0, 0) is a text-only row. With 2 ranks, batch 1 and sequential
-# sampling, rank 0 gets the even rows and rank 1 the odd ones: step 1 images | text, step 2 two images on one
-# side and one on the other, on both ranks, step 3 text | images, step 4 images (2, 2) | text.
-MIXED_COUNTS = [(1, 1), (0, 0), (2, 1), (1, 2), (0, 0), (2, 2), (1, 1), (0, 0)]
+# (chosen images, rejected images) per row. With 2 ranks, batch 1 and sequential sampling, rank 0 gets the even
+# rows and rank 1 the odd ones, so in every step the two ranks hold different numbers of images (2 | 4, 3 | 3
+# split differently, 4 | 2, 2 | 3): ZeRO-3 must not hang on it. (Image-less sides in a multimodal run are refused
+# by the collator: every rank's forward calls the vision tower.)
+MIXED_COUNTS = [(1, 1), (2, 2), (2, 1), (1, 2), (2, 2), (1, 1), (1, 1), (2, 1)]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -127,16 +129,15 @@ def assert_learned(output_dir: Path, initial: Path) -> None:
 
 @pytest.fixture(scope="module")
 def mixed_jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Image rows with 1 or 2 images per side (the two sides differing) and text-only rows."""
+    """Image rows with 1 or 2 images per side, the two sides' counts differing in some rows."""
     colours = ["red", "green", "blue", "yellow"]
     rows = []
     for i, (n_chosen, n_rejected) in enumerate(MIXED_COUNTS):
         colour, other = colours[i % 4], colours[(i + 1) % 4]
-        text_only = n_chosen == 0
         rows.append({
             "response": f"A {colour} circle.",
-            "chosen": f"Describe a {colour} circle." if text_only else "What is shown?",
-            "rejected": f"Describe a {other} square." if text_only else "What is shown?",
+            "chosen": "What is shown?",
+            "rejected": "What is shown?",
             "chosen_images": [draw_shape("circle", colour) for _ in range(n_chosen)],
             "rejected_images": [draw_shape("square", other) for _ in range(n_rejected)],
         })
@@ -176,7 +177,7 @@ def text_batch2(tiny_llama: Path, text_jsonl: Path, tmp_path_factory: pytest.Tem
 def mixed_accumulated(tiny_idefics3: Path, mixed_jsonl: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One process, accumulation 2, over the mixed rows: the reference for the multimodal DDP and ZeRO runs."""
     out = tmp_path_factory.mktemp("runs") / "mixed_ga"
-    launch(single(mixed_args(tiny_idefics3, mixed_jsonl, out, accumulation=2)), out, ADPO_TEST_TEXT_ONLY_ROWS="1")
+    launch(single(mixed_args(tiny_idefics3, mixed_jsonl, out, accumulation=2)), out)
     return out
 
 
@@ -209,15 +210,14 @@ def test_deepspeed_in_a_plain_python_process_as_the_seed_writes_it(
 
 
 @pytest.mark.slow
-def test_ddp_multimodal_rows_with_different_image_counts_and_text_only_rows(
+def test_ddp_multimodal_rows_with_different_image_counts(
     tiny_idefics3: Path, mixed_jsonl: Path, mixed_accumulated: Path, tmp_path: Path
 ) -> None:
-    """Idefics3 under DDP without unused-parameter detection: a rank whose batch has no image still runs the
-    vision tower (on a dummy image, zero contribution), so the gradient all-reduce completes, and the run equals
-    one process with accumulation 2 (where no dummy is used)."""
+    """Idefics3 under DDP without unused-parameter detection, the ranks holding different numbers of images: the
+    gradient all-reduce completes and the run equals one process with accumulation 2."""
     ddp = tmp_path / "ddp"
     log = launch(torchrun([*mixed_args(tiny_idefics3, mixed_jsonl, ddp), "--use_cpu",
-                           "--ddp_find_unused_parameters", "false"]), ddp, ADPO_TEST_TEXT_ONLY_ROWS="1").stdout
+                           "--ddp_find_unused_parameters", "false"]), ddp).stdout
     # The frozen reference is on each rank whole, unwrapped (no DDP: nothing to all-reduce), in eval mode.
     placements = reference_placements(log)
     assert len(placements) == 2
@@ -236,14 +236,14 @@ def test_deepspeed_multimodal_mixed_images_match_single_process(
     stage: int, tiny_idefics3: Path, mixed_jsonl: Path, mixed_accumulated: Path, tmp_path: Path
 ) -> None:
     """ZeRO-2 / ZeRO-3 (the seed's YAML configs) with the frozen reference, over rows whose image counts differ
-    between ranks and steps, text-only rows included: no hang, the same losses and weights as one process.
+    between ranks and steps: no hang, the same losses and weights as one process.
 
     ZeRO-3's output was saved consolidated (stage3_gather_16bit_weights_on_model_save) and loads with
     from_pretrained.
     """
     out = tmp_path / f"zero{stage}"
     log = launch(torchrun([*mixed_args(tiny_idefics3, mixed_jsonl, out), "--deepspeed",
-                           f"configs/deepspeed_zero{stage}.yaml"]), out, ADPO_TEST_TEXT_ONLY_ROWS="1").stdout
+                           f"configs/deepspeed_zero{stage}.yaml"]), out).stdout
     # The reference is a DeepSpeed engine in eval mode; ZeRO-3 shards it (each rank holds about half).
     for placement in reference_placements(log):
         name, training, grads, elements = placement.split()
@@ -308,7 +308,7 @@ DEEPSPEED_CONFIGS = sorted(REPO.glob("configs/deepspeed_*.yaml"))
 @pytest.mark.parametrize("path", DEEPSPEED_CONFIGS, ids=lambda p: p.name)
 def test_deepspeed_yaml_configs_load_and_equal_their_json_twins(path: Path) -> None:
     """``--deepspeed x.yaml`` loads into the dict transformers takes; the JSON twin holds the same config."""
-    from adpo.distributed import load_deepspeed_config
+    from adpo.launch import load_deepspeed_config
 
     config = load_deepspeed_config(str(path))
     assert config == json.loads(path.with_suffix(".json").read_text())
@@ -318,26 +318,49 @@ def test_deepspeed_yaml_configs_load_and_equal_their_json_twins(path: Path) -> N
         assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
 
 
-def test_deepspeed_yaml_reaches_training_arguments(tmp_path: Path) -> None:
-    # In a subprocess: --deepspeed sets up a one-process group and its environment, which must not leak into the
-    # test session (later launches would inherit MASTER_PORT while this process still listens on it).
-    code = (
-        "import json, sys; from adpo.cli import parse_args\n"
-        "*_, args = parse_args(sys.argv[1:])\n"
-        "c = args.hf_deepspeed_config.config\n"
-        "print(json.dumps([c['train_micro_batch_size_per_gpu'], c['train_batch_size'], "
-        "c['zero_optimization']['stage']]))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code, "--output_dir", str(tmp_path), "--deepspeed",
-                           "configs/deepspeed_zero2.yaml", "--per_device_train_batch_size", "3",
-                           "--gradient_accumulation_steps", "2"], capture_output=True, text=True, timeout=240,
-                          cwd=REPO, env=env())
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [3, 6, 2]
+def test_deepspeed_yaml_reaches_training_arguments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In this process: building the config changes no environment variable and creates no process group; the
+    launch pair declares a one-process DeepSpeed world (free MASTER_PORT), then restores the environment."""
+    import torch.distributed as dist
+
+    from adpo.cli import parse_args, parse_namespace
+    from adpo.launch import compute_cleanup, compute_init
+
+    launch_keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED")
+    for key in launch_keys:
+        monkeypatch.delenv(key, raising=False)
+    try:  # DeepSpeed's CPU shared-memory kernel would be JIT-compiled (minutes); plain gloo does here
+        monkeypatch.setattr(importlib.import_module("deepspeed.comm.torch"), "build_shm_op", lambda: None)
+    except ImportError:
+        pytest.skip("deepspeed is not installed")
+
+    def launch_env() -> dict[str, str | None]:
+        return {key: os.environ.get(key) for key in launch_keys}
+
+    before = launch_env()
+    argv = ["--output_dir", str(tmp_path), "--deepspeed", "configs/deepspeed_zero2.yaml",
+            "--per_device_train_batch_size", "3", "--gradient_accumulation_steps", "2"]
+    *_, plain = parse_args(["--output_dir", str(tmp_path)])  # no --deepspeed: nothing to prepare
+    assert launch_env() == before and not dist.is_initialized()
+    *_, unlaunched = parse_args(argv)  # the config alone, DeepSpeed YAML read: still no side effect
+    assert unlaunched.hf_deepspeed_config.config["zero_optimization"]["stage"] == 2
+    assert launch_env() == before and not dist.is_initialized()
+
+    _, namespace = parse_namespace(argv)
+    launch = compute_init(namespace.deepspeed)
+    try:
+        assert os.environ["WORLD_SIZE"] == "1" and int(os.environ["MASTER_PORT"]) > 0
+        *_, args = parse_args(argv)
+        config = args.hf_deepspeed_config.config
+        assert [config["train_micro_batch_size_per_gpu"], config["train_batch_size"],
+                config["zero_optimization"]["stage"]] == [3, 6, 2]
+    finally:
+        compute_cleanup(launch)
+    assert launch_env() == before and not dist.is_initialized()
 
 
 def test_bad_deepspeed_yaml_is_a_clear_error(tmp_path: Path) -> None:
-    from adpo.distributed import load_deepspeed_config
+    from adpo.launch import load_deepspeed_config
 
     bad = tmp_path / "ds.yaml"
     bad.write_text("zero_optimization: [unclosed\n")
@@ -389,7 +412,8 @@ def test_every_shipped_config_is_tested() -> None:
 
 # ---------------------------------------------------------------------------------------------- units
 def test_reference_deepspeed_config_replicates_below_stage3_and_shards_at_stage3() -> None:
-    from adpo.distributed import load_deepspeed_config, reference_deepspeed_config
+    from adpo.launch import load_deepspeed_config
+    from adpo.reference import reference_deepspeed_config
 
     zero2 = load_deepspeed_config("configs/deepspeed_zero2.yaml") | {"optimizer": {"type": "AdamW"}}
     ref = reference_deepspeed_config(zero2, hidden_size=64)
@@ -400,62 +424,6 @@ def test_reference_deepspeed_config_replicates_below_stage3_and_shards_at_stage3
     zero = ref["zero_optimization"]
     assert zero["stage"] == 3
     assert (zero["stage3_prefetch_bucket_size"], zero["stage3_param_persistence_threshold"]) == (3686, 640)
-
-
-def test_dummy_vision_call_changes_no_logprob_and_gives_exact_zero_vision_gradients(tiny_idefics3: Path) -> None:
-    """On a text-only batch the vision tower runs once on a dummy image; log-probs and every non-vision gradient
-    are bit-identical to the plain forward, and the vision tower's gradients are exactly zero (not None)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from adpo.collator import RESPONSE_MASK, ROW_IDS, ADPOCollator
-    from adpo.distributed import dummy_image_inputs, vision_tower_every_forward
-    from adpo.logprobs import response_logps
-
-    model = AutoModelForImageTextToText.from_pretrained(tiny_idefics3)
-    processor = AutoProcessor.from_pretrained(tiny_idefics3)
-    rows = [{"response": "A red circle.", "chosen": "Describe a red circle.", "rejected": "Describe it."}]
-    batch = ADPOCollator(processor, multimodal=False)(rows)
-    mask = batch.pop(RESPONSE_MASK)
-    batch.pop(ROW_IDS)
-    vision = model.model.vision_model
-    calls = []
-    vision.register_forward_hook(lambda *_: calls.append(1))
-
-    def logps_and_grads(dummy: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        model.zero_grad(set_to_none=True)
-        with vision_tower_every_forward(model, batch, dummy):
-            sums = response_logps(model, model.get_output_embeddings(), batch, mask).sums
-        sums.sum().backward()
-        return sums.detach(), {n: p.grad for n, p in model.named_parameters()}
-
-    plain, plain_grads = logps_and_grads(None)
-    assert calls == []
-    dummied, dummied_grads = logps_and_grads(dummy_image_inputs(processor))
-    assert len(calls) == 1
-    assert torch.equal(plain, dummied)
-    vision_names = [n for n, _ in model.named_parameters() if n.startswith(("model.vision_model.", "model.connector."))]
-    assert vision_names
-    for name, grad in dummied_grads.items():
-        if name in vision_names:
-            assert plain_grads[name] is None and grad is not None and not grad.any(), name
-        else:
-            assert torch.equal(grad, plain_grads[name]), name
-
-
-def test_dummy_vision_call_is_skipped_when_the_batch_has_images() -> None:
-    from adpo.distributed import vision_tower_every_forward
-
-    class Model(torch.nn.Module):
-        def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-            raise AssertionError("no dummy image should run")
-
-        def get_input_embeddings(self) -> torch.nn.Module:
-            raise AssertionError("no hook should be placed")
-
-    with vision_tower_every_forward(Model(), {"pixel_values": torch.zeros(1)}, {"pixel_values": torch.zeros(1)}):
-        pass
-    with vision_tower_every_forward(Model(), {"input_ids": torch.zeros(1)}, None):
-        pass
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -313,3 +314,61 @@ def test_model_with_truncated_weights_is_refused_before_loading(tmp_path, tiny_l
     weights.write_bytes(data[:5])
     with pytest.raises(ValueError, match=r"model.safetensors is truncated or corrupt"):
         check_model_source(str(model), "--model_name_or_path")
+
+
+# ------------------------------------------------------------------------------ more odd files and values
+def test_a_json_object_naming_a_key_twice_is_refused(tmp_path):
+    """json.loads would keep the last 'chosen' silently: the same trap as duplicate CSV columns."""
+    path = tmp_path / "dup.jsonl"
+    path.write_text(jsonl([ROW, '{"response": "r", "chosen": "a", "rejected": "b", "chosen": "c"}', ROW]))
+    with pytest.raises(ADPODataError, match=rf"^row 1, field 'chosen': appears twice in the object on line 2 of "
+                       rf"{path}"):
+        load_adpo_dataset(str(path))
+    assert load_adpo_rows(str(path), on_bad_rows="skip").dataset[ROW_ID] == [0, 2]
+    (tmp_path / "dup.json").write_text('[{"response": "r", "response": "s", "chosen": "a", "rejected": "b"}]')
+    with pytest.raises(ValueError, match=r"dup.json: the key 'response' appears twice in one object"):
+        load_adpo_dataset(str(tmp_path / "dup.json"))
+
+
+def test_empty_folder_unsupported_file_and_odd_image_paths(tmp_path, vl_collator):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match=r"empty holds no data files"):
+        load_adpo_dataset(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match=r"unsupported file type '.txt'"):
+        load_adpo_dataset(str(tmp_path / "empty" / "notes.txt"))
+    red = draw_shape("circle", "red")
+    for value, words in [(str(tmp_path), "is a folder, not an image file"), ("", "the path is empty"),
+                         ("   ", "the path is empty")]:
+        row = {ROW_ID: 2, **ROW, "chosen_images": [red], "rejected_images": [value]}
+        with pytest.raises(ADPODataError, match=rf"^row 2, field 'rejected_images': image file not found: .*{words}"):
+            check_row(row, vl_collator)
+
+
+def test_rows_to_dataset_reads_files_as_training_does(tmp_path):
+    from adpo.datasets_tools import rows_to_dataset
+
+    (tmp_path / "rows.jsonl").write_text(jsonl([ROW, '{"response": ', ROW]))
+    with pytest.raises(ADPODataError, match=rf"^row 1: not valid JSON: line 2 of {tmp_path / 'rows.jsonl'}"):
+        rows_to_dataset(tmp_path / "rows.jsonl")
+    (tmp_path / "rows.csv").write_bytes(b"\xef\xbb\xbfresponse,chosen,rejected\r\nR,a,b\r\n")
+    assert rows_to_dataset(tmp_path / "rows.csv")[0]["response"] == "R"  # the BOM is not part of the name
+
+
+@pytest.mark.parametrize(("family", "field", "token"), [
+    ("gemma3", "chosen", "<image_soft_token>"),  # the token the processor expands <start_of_image> into
+    ("gemma3", "response", "<end_of_turn>"),
+    ("qwen2_vl", "rejected", "<|video_pad|>"),
+    ("qwen2_vl", "response", "<|im_end|>"),
+])
+def test_model_side_tokens_of_other_families_are_caught_in_validation(family, field, token, tmp_path_factory):
+    from adpo.processing import load_processor
+    from adpo.testing.tiny import build_tiny
+
+    collator = ADPOCollator(load_processor(build_tiny(family, tmp_path_factory.mktemp(family))), multimodal=True)
+    row = {ROW_ID: 5, **ROW, "chosen_images": [draw_shape("circle", "red")],
+           "rejected_images": [draw_shape("circle", "green")]}
+    check_row(row, collator)
+    with pytest.raises(ADPODataError, match=rf"^row 5, field '{field}': contains the special token "
+                       rf"'{re.escape(token)}'"):
+        check_row({**row, field: f"{row[field]} {token}"}, collator)

@@ -57,6 +57,9 @@ REFUSED = [
     ("--lora_dropout", "nan", "--lora_dropout must be in [0, 1)"),
     ("--pad_to_multiple_of", "-8", "--pad_to_multiple_of must be a positive number"),
     ("--pad_to_multiple_of", "0", "--pad_to_multiple_of must be a positive number"),
+    ("--num_train_epochs", "0", "--num_train_epochs 0.0 (and no --max_steps) trains nothing"),
+    ("--per_device_train_batch_size", "0", "--per_device_train_batch_size must be at least 1, got 0"),
+    ("--gradient_accumulation_steps", "0", "--gradient_accumulation_steps must be at least 1, got 0"),
 ]
 
 
@@ -387,3 +390,11 @@ def test_failures_end_in_one_line_and_an_exit_status(raised, code, words, capsys
         run_entry_point(entry, "adpo")
     err = capsys.readouterr().err
     assert info.value.code == code and words in err and "Traceback" not in err
+
+
+def test_weights_check_ignores_empty_parameter_shards():
+    """Under ZeRO-3 each process holds empty placeholders for parameters it does not own."""
+    from adpo.guard import _all_finite
+
+    assert _all_finite([torch.empty(0), torch.ones(2)]) and _all_finite([torch.empty(0)])
+    assert not _all_finite([torch.empty(0), torch.tensor([1.0, float("nan")])])

@@ -31,12 +31,12 @@ def chromium() -> str:
                 "apt-get when apt is available; here it was not)")
 
 
-def browse(page: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+def browse(page: Path, tmp_path: Path, *extra: str, url_suffix: str = "") -> subprocess.CompletedProcess:
     """Open ``page`` from disk headless; stdout is the DOM after the page's scripts ran."""
     return subprocess.run(
         [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--enable-logging=stderr",
          "--v=0", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", *extra,
-         page.resolve().as_uri()],
+         page.resolve().as_uri() + url_suffix],
         capture_output=True, text=True, timeout=120,
     )
 
@@ -94,6 +94,16 @@ def test_check_report_in_a_headless_browser(pairs_file: Path, tmp_path: Path):
     # The refused row comes first (worst first).
     first = body[: body.index("</tr>")]
     assert "refused" in first and "image file not found" in first
+
+    # The script filters by group and sorts (views opened by the link's fragment).
+    filtered = browse(path, tmp_path, "--dump-dom", url_suffix="#group=refused").stdout
+    assert "1 of 12 rows shown" in filtered
+    shown = [row for row in filtered.split("<tr")[1:] if 'data-group' in row and 'display: none' not in row]
+    assert len(shown) == 1 and "refused" in shown[0]
+    by_row = browse(path, tmp_path, "--dump-dom", url_suffix="#sort=-0").stdout
+    table = by_row[by_row.index('id="pairs"'):]
+    rows = re.findall(r'<tr data-group="[^"]*"><td class="num" data-v="([0-9]+)"', table)
+    assert rows == [str(k) for k in range(11, -1, -1)]  # row numbers, descending
 
 
 def test_report_images_are_visible_in_a_screenshot(pairs_file: Path, tmp_path: Path):

@@ -9,10 +9,13 @@ header parses and its size is exactly the header's length plus the largest tenso
 from __future__ import annotations
 
 import json
+import logging
 import re
 import struct
 import zipfile
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
@@ -30,13 +33,11 @@ def find_checkpoints(folder: str | Path) -> list[Path]:
 
 def latest_complete(folder: str | Path) -> Path | None:
     """The newest complete checkpoint in ``folder``; incomplete newer ones are skipped with a warning."""
-    import logging
-
     for path in reversed(find_checkpoints(folder)):
         problem = checkpoint_problem(path)
         if problem is None:
             return path
-        logging.getLogger(__name__).warning("skipping incomplete checkpoint %s: %s", path, problem)
+        logger.warning("skipping incomplete checkpoint %s: %s", path, problem)
     return None
 
 

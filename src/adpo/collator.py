@@ -57,6 +57,10 @@ _RESPONSE_SENTINEL = "ADPO0RESPONSE0SENTINEL"
 # Keys the collator adds for the trainer; they never reach the model.
 RESPONSE_MASK = "response_mask"
 ROW_IDS = "row_ids"
+# Precomputed reference log-probs (adpo.reference): dataset columns, one value per side, and the batch keys they
+# become, (R,) side-major like the batch.
+REF_LOGPS_COLUMN, REF_COUNTS_COLUMN = "_adpo_ref_logps", "_adpo_ref_counts"
+REF_LOGPS, REF_COUNTS = "ref_logps", "ref_counts"
 
 
 @dataclass
@@ -74,7 +78,8 @@ class ADPOCollator:
     ``[chosen; rejected; dpo chosen; dpo rejected]``, the last two the row's standard pair ``prompt`` →
     ``chosen_response`` / ``rejected_response``):
         input_ids (R, L), attention_mask (R, L), response_mask (R, L) bool: True at response tokens,
-        row_ids (B,): the dataset's row index of each pair, and every other tensor the processor returns.
+        row_ids (B,): the dataset's row index of each pair, and every other tensor the processor returns;
+        ref_logps (R,) fp32, ref_counts (R,): the rows' precomputed reference log-probs, when they carry them.
     """
 
     def __init__(
@@ -271,6 +276,9 @@ class ADPOCollator:
             sides += [self.encode_dpo_side(row, "rejected") for row in rows]
         batch = self.collate_sides(sides)
         batch[ROW_IDS] = torch.tensor([row.get(ROW_ID, -1) for row in rows], dtype=torch.long)
+        if rows and REF_LOGPS_COLUMN in rows[0]:  # (B, S) per row → (S·B,) side-major, like the batch's rows
+            batch[REF_LOGPS] = torch.tensor([row[REF_LOGPS_COLUMN] for row in rows], dtype=torch.float32).T.reshape(-1)
+            batch[REF_COUNTS] = torch.tensor([row[REF_COUNTS_COLUMN] for row in rows], dtype=torch.long).T.reshape(-1)
         return batch
 
     def collate_sides(self, sides: list[EncodedSide]) -> dict[str, torch.Tensor]:

@@ -23,6 +23,11 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
+def runs_on_cpu(use_cpu: bool, bf16: bool = False, fp16: bool = False) -> bool:
+    """The run's effective ``--use_cpu``: asked for, or mixed precision requested on a machine without a GPU."""
+    return use_cpu or ((bf16 or fp16) and not _has_accelerator())
+
+
 def auto_dataloader_workers(accelerator: bool) -> int:
     """Dataloader workers for ``--dataloader_num_workers -1``: with a GPU, half the CPU cores up to 8, so decoding
     and collation overlap the GPU's step; on a CPU-only machine, none (workers would take cores from the step)."""
@@ -245,13 +250,15 @@ class ADPOConfig(TrainingArguments):
         metadata={"help": "Folder for --precompute_ref_log_probs caches. Default: $ADPO_CACHE_DIR, else "
                   "$XDG_CACHE_HOME/adpo/ref_logps, else ~/.cache/adpo/ref_logps."},
     )
-    fused_lm_head: bool = field(
-        default=True,
-        metadata={"help": "Score response tokens with adpo's vocabulary-chunked LM head: never holds all tokens × "
-                  "vocabulary logits (backward recomputes them), so step memory does not grow with the vocabulary. "
-                  "Used where the head is a plain Linear and the model returns its output unchanged (checked on "
-                  "the first batch, which the model's own head scores; not e.g. with Gemma-2 logit soft-capping). "
-                  "false: the model's own head at the response positions."},
+    fused_lm_head: str = field(
+        default="auto",
+        metadata={"help": "Which LM head scores the response tokens, decided once before training (one forward "
+                  "without gradients on the first row) and logged. fused: adpo's vocabulary-chunked head, which "
+                  "never holds all tokens × vocabulary logits (backward recomputes them), so step memory does not "
+                  "grow with the vocabulary; an error where it cannot stand in for the model's head. model: the "
+                  "model's own head at the response positions. auto (default): fused where the head is a plain "
+                  "Linear whose output the model returns unchanged (not e.g. with Gemma-2 logit soft-capping), "
+                  "else model. true/false are accepted for fused/model."},
     )
     padding_free: bool | None = field(
         default=None,
@@ -298,11 +305,15 @@ class ADPOConfig(TrainingArguments):
                 # The seed's commands pass --bf16; without a GPU they still run, as CPU autocast.
                 logger.warning("no GPU found: --bf16/--fp16 run as mixed precision on the CPU (use_cpu=True)")
                 self.use_cpu = True
-        from .distributed import load_deepspeed_config, prepare_deepspeed_launch
+        from .launch import load_deepspeed_config
 
-        self.deepspeed = load_deepspeed_config(self.deepspeed)  # the seed passes YAML; transformers reads JSON
-        prepare_deepspeed_launch(self)
+        # The seed passes YAML; transformers reads JSON. The process environment a DeepSpeed launch needs is
+        # prepared by adpo.launch.compute_init (called by the CLI), never here.
+        self.deepspeed = load_deepspeed_config(self.deepspeed)
         super().__post_init__()
+        from .logprobs import head_mode
+
+        self.fused_lm_head = head_mode(self.fused_lm_head)
         if self.beta <= 0:
             raise ValueError(f"--beta must be positive, got {self.beta}.")
         if not 0 <= self.label_smoothing < 0.5:
@@ -350,6 +361,12 @@ def check_training_values(args: Any) -> None:
         if value < low or (value == low and not inclusive):
             bound = f">= {low:g}" if inclusive else "positive"
             raise ValueError(f"--{name} must be {bound}, got {value}: {why}.")
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    if args.max_steps <= 0 and args.num_train_epochs <= 0:
+        raise ValueError(f"--num_train_epochs {args.num_train_epochs} (and no --max_steps) trains nothing; give a "
+                         "positive number of epochs or --max_steps.")
     if args.use_cpu and args.deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # DeepSpeed would count each CPU process as a world of one and fail its batch-size check.
         raise ValueError("--use_cpu with --deepspeed under a multi-process launcher (torchrun, accelerate launch) "

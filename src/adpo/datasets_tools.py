@@ -17,9 +17,7 @@ is self-contained: it no longer needs the image files. Any other columns (ids, m
 
 from __future__ import annotations
 
-import csv
 import io
-import json
 import logging
 import os
 from collections.abc import Iterable
@@ -35,21 +33,17 @@ logger = logging.getLogger(__name__)
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a ``.jsonl``, ``.json`` (a list of objects) or ``.csv`` file."""
+    """Rows of a ``.jsonl``, ``.json``, ``.csv`` or ``.tsv`` file (optionally ``.gz``), read as training reads
+    them (:mod:`adpo.readers`): a malformed record is an error naming its row, line and file."""
+    from .readers import read_text_file, text_format
+
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        with path.open() as f:
-            return [json.loads(line) for line in f if line.strip()]
-    if suffix == ".json":
-        rows = json.loads(path.read_text())
-        if not isinstance(rows, list):
-            raise ValueError(f"{path}: expected a JSON list of row objects, got {type(rows).__name__}.")
-        return rows
-    if suffix == ".csv":
-        with path.open(newline="") as f:
-            return list(csv.DictReader(f))
-    raise ValueError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .csv.")
+    if text_format(path) is None:
+        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .json, .csv or .tsv.")
+    read = read_text_file(path)
+    if read.errors:
+        raise read.errors[0][1]
+    return [row for _, row in read.rows]
 
 
 def image_bytes(value: Any, root: str | None, row: int, field: str) -> dict[str, Any]:

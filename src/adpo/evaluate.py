@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from .collator import RESPONSE_MASK, ROW_IDS, ADPOCollator, collator_from_args
 from .config import LoadArguments, RowArguments
 from .data import ROW_ID, iter_batches, load_adpo_rows
-from .logprobs import response_logps
+from .logprobs import choose_lm_head, response_logps
 from .modeling import is_vision_model, load_model, load_processor_for
 from .preflight import check_model_source
 from .validate import validate_dataset
@@ -143,26 +143,34 @@ def load_for_eval(args: LoadArguments, processor: Any | None = None) -> LoadedMo
 # ---------------------------------------------------------------------------------------------------- scoring
 @torch.no_grad()
 def pair_logps(
-    model: nn.Module, collator: ADPOCollator, rows: list[dict[str, Any]], device: torch.device
+    model: nn.Module, collator: ADPOCollator, rows: list[dict[str, Any]], device: torch.device,
+    heads: dict[int, bool] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) summed response log-probs, each (B,) fp32 on the CPU, for ``rows``."""
+    """(chosen, rejected) summed response log-probs, each (B,) fp32 on the CPU, for ``rows``.
+
+    ``heads``: the LM head chosen for each model (by ``id``), filled on its first batch
+    (:func:`adpo.logprobs.choose_lm_head`); without it every call chooses again."""
     batch = collator(rows)
     mask = batch.pop(RESPONSE_MASK).to(device)
     batch.pop(ROW_IDS)
     inputs = {k: v.to(device) for k, v in batch.items()}
     head = model.get_output_embeddings()
-    chosen, rejected = response_logps(model, head, inputs, mask).sums.cpu().chunk(2)
+    heads = {} if heads is None else heads
+    if id(model) not in heads:
+        heads[id(model)] = choose_lm_head(model, head, inputs, mask).fused
+    chosen, rejected = response_logps(model, head, inputs, mask, fused=heads[id(model)]).sums.cpu().chunk(2)
     return chosen, rejected
 
 
 def reference_pair_logps(
-    loaded: LoadedModel, collator: ADPOCollator, rows: list[dict[str, Any]], device: torch.device
+    loaded: LoadedModel, collator: ADPOCollator, rows: list[dict[str, Any]], device: torch.device,
+    heads: dict[int, bool] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     if loaded.reference is not None:
-        return pair_logps(loaded.reference, collator, rows, device)
+        return pair_logps(loaded.reference, collator, rows, device, heads)
     if loaded.adapter_reference:
         with loaded.model.disable_adapter():
-            return pair_logps(loaded.model, collator, rows, device)
+            return pair_logps(loaded.model, collator, rows, device, heads)
     return None
 
 
@@ -185,11 +193,12 @@ def score_rows(
         if m is not None:
             m.to(device)
     records: list[dict[str, Any]] = []
+    heads: dict[int, bool] = {}  # the LM head of each model, chosen on the first batch
     progress = tqdm(total=len(dataset), desc=desc, unit="pair")
     for rows in iter_batches(dataset, batch_size):
-        chosen, rejected = pair_logps(loaded.model, collator, rows, device)
-        ref = reference_pair_logps(loaded, collator, rows, device)
-        blind = pair_logps(loaded.model, text_collator, rows, device) if text_collator else None
+        chosen, rejected = pair_logps(loaded.model, collator, rows, device, heads)
+        ref = reference_pair_logps(loaded, collator, rows, device, heads)
+        blind = pair_logps(loaded.model, text_collator, rows, device, heads) if text_collator else None
         for i, row in enumerate(rows):
             record: dict[str, Any] = {"row": row.get(ROW_ID, len(records))}
             record |= {g: row.get(g) for g in group_by or []}

@@ -97,6 +97,7 @@ class NonFiniteGuard(TrainerCallback):
 
 
 def _all_finite(grads: list[torch.Tensor]) -> bool:
+    grads = [g for g in grads if g.numel()]  # ZeRO-3 leaves empty placeholders; an empty max has no identity
     if not grads:
         return True
     # The max-abs norm is non-finite exactly when some entry is (an L2 norm could overflow on finite values).

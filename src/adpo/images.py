@@ -70,6 +70,10 @@ def _open_value(value: Any, max_size: int | None) -> tuple[Image.Image, str, boo
         return _open(lambda: io.BytesIO(value), "the given bytes", max_size), "the given bytes", True
     if isinstance(value, (str, os.PathLike)):
         path = os.fspath(value)
+        if not path.strip():
+            raise ImageLoadError("image file not found: the path is empty")
+        if os.path.isdir(path):
+            raise ImageLoadError(f"image file not found: {path} is a folder, not an image file")
         if not os.path.isfile(path):
             raise ImageLoadError(f"image file not found: {path}")
         return _open(lambda: path, path, max_size), path, True

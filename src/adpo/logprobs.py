@@ -9,12 +9,14 @@ materialised for prompt, image or pad positions. Two ways to score those positio
   block at a time and backward recomputes the logits it needs, so the step's memory does not grow with the
   vocabulary. Numerically it is the model's own head: the same ``F.linear`` in the same dtype (autocast included),
   then an fp32 log-softmax.
-- **unfused** (:func:`lm_head_only_at`): a forward pre-hook selects the response-predicting hidden states, the head
+- **model** (:func:`lm_head_only_at`): a forward pre-hook selects the response-predicting hidden states, the head
   returns their ``(N, V)`` logits and :func:`token_logps` takes an fp32 log-softmax, chunked over rows. Used where
   the head is not a plain ``nn.Linear`` (:func:`head_blocker`) or the model transforms the head's output before
-  returning it (e.g. Gemma-2 logit soft-capping): the first call with each head runs this path and records whether
-  the model returned the head's output unchanged (:func:`head_output_unchanged`); only then does the fused head
-  stand in for it.
+  returning it (e.g. Gemma-2 logit soft-capping).
+
+Which one scores a model is decided once, before training, by :func:`choose_lm_head` (one forward without
+gradients on a probe batch, whose head sees a few positions only); the trainer stores and logs the choice and
+passes it to every :func:`response_logps` call. No state is kept here.
 
 Both hook the module the model itself calls, so the forward still goes through whatever wraps the model
 (DDP, DeepSpeed, PEFT), and under ZeRO-3 the head's weight is gathered exactly when the head runs.
@@ -23,7 +25,6 @@ Both hook the module the model itself calls, so the forward still goes through w
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple
@@ -219,29 +220,36 @@ def fused_lm_head_at(
         del head.forward
 
 
-# Per LM head: whether its model returns the head's output unchanged as ``logits`` (found on the first call).
-_returns_head_output: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
-_logged: set[str] = set()
+HEAD_MODES = ("auto", "fused", "model")
+_HEAD_MODE_ALIASES = {"true": "fused", "false": "model"}  # the flag was a boolean: old commands keep working
+TRANSFORMED = ("the model transforms its LM head's output before returning it (e.g. logit soft-capping, scaling or "
+               "vocabulary slicing), or calls the head more than once")
 
 
-def head_output_unchanged(head: nn.Module) -> bool | None:
-    """Whether the model of ``head`` returned the head's output unchanged on the first call (None: not called yet).
-    True means the fused head stands in for it."""
-    return _returns_head_output.get(head)
+def head_mode(value: str | bool) -> str:
+    """``--fused_lm_head`` as one of :data:`HEAD_MODES` (``true``/``false`` are aliases of ``fused``/``model``)."""
+    text = str(value).strip().lower()
+    text = _HEAD_MODE_ALIASES.get(text, text)
+    if text not in HEAD_MODES:
+        raise ValueError(f"--fused_lm_head must be one of auto, fused, model (or true/false), got {value!r}.")
+    return text
 
 
-def _log_once(message: str) -> None:
-    if message not in _logged:
-        _logged.add(message)
-        logger.warning(message)
+class HeadChoice(NamedTuple):
+    """Which head scores the response tokens of one model, decided once before training."""
+
+    fused: bool  # True: adpo's vocabulary-chunked head; False: the model's own head at the response positions
+    reason: str  # why, for the log
+
+    def describe(self) -> str:
+        head = "adpo's fused, vocabulary-chunked LM head" if self.fused else "the model's own LM head"
+        return f"{head} ({self.reason})"
 
 
-def _why_not_fused(head: nn.Module) -> str | None:
-    reason = head_blocker(head)
-    if reason is None and _returns_head_output.get(head) is False:
-        reason = ("the model transforms its LM head's output before returning it (e.g. logit soft-capping, scaling "
-                  "or vocabulary slicing), or calls the head more than once")
-    return reason
+def _probe_mask(response_mask: torch.Tensor, tokens: int) -> torch.Tensor:
+    """``response_mask`` (R, L) keeping only its first ``tokens`` True positions (row-major): the probe's N."""
+    keep = response_mask.reshape(-1).cumsum(0).reshape(response_mask.shape) <= tokens
+    return response_mask & keep
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -249,21 +257,53 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
-def _score_and_check(
-    model: nn.Module, head: nn.Module, inputs: dict[str, torch.Tensor], predictors: torch.Tensor,
-    targets: torch.Tensor,
-) -> torch.Tensor:
-    """The first call with ``head``: score with the model's own head (this call's answer) and record whether the
-    model returned the head's output unchanged, i.e. whether the fused head may stand in for it from now on."""
+@torch.no_grad()
+def returns_head_output(
+    model: nn.Module, head: nn.Module, inputs: dict[str, torch.Tensor], response_mask: torch.Tensor,
+    probe_tokens: int = 8,
+) -> bool:
+    """Whether ``model`` returns ``head``'s output unchanged as its ``logits`` (and calls the head once).
+
+    One forward without gradients on ``inputs`` (R, L); the head sees only the first ``probe_tokens`` response
+    positions, so the probe holds ``probe_tokens × V`` logits, never the batch's ``N × V``."""
+    predictors = torch.zeros_like(response_mask)
+    predictors[:, :-1] = _probe_mask(response_mask, probe_tokens)[:, 1:]
     raw: list[torch.Tensor] = []
     handle = head.register_forward_hook(lambda module, args, out: raw.append(out))
     try:
         with lm_head_only_at(head, predictors):
-            logits = model(**inputs, use_cache=False).logits  # (N, V)
+            logits = model(**inputs, use_cache=False).logits
     finally:
         handle.remove()
-    _returns_head_output[head] = len(raw) == 1 and _same(raw[0].detach(), logits.detach())
-    return token_logps(logits, targets)
+    return len(raw) == 1 and _same(raw[0], logits)
+
+
+def choose_lm_head(
+    model: nn.Module, head: nn.Module, inputs: dict[str, torch.Tensor], response_mask: torch.Tensor,
+    mode: str = "auto",
+) -> HeadChoice:
+    """Decide, once and before training, which head scores ``model``'s response tokens (``--fused_lm_head``).
+
+    Args:
+        model: the model to call (possibly wrapped by DDP/DeepSpeed/PEFT).
+        head: its output embedding (``get_output_embeddings()`` of the unwrapped model).
+        inputs, response_mask: a probe batch the model accepts, e.g. one collated row; (R, L) mask.
+        mode: ``auto`` (fused wherever it gives the model's own log-probs: ``head`` is a plain ``nn.Linear`` and
+            the model returns its output unchanged, which one no-grad probe forward checks), ``fused`` (the same,
+            but an error where the fused head cannot be used), ``model`` (the model's own head, no probe).
+    """
+    mode = head_mode(mode)
+    if mode == "model":
+        return HeadChoice(False, "--fused_lm_head model")
+    reason = head_blocker(head)
+    if reason is None and not returns_head_output(model, head, inputs, response_mask):
+        reason = TRANSFORMED
+    if reason is None:
+        return HeadChoice(True, "the head is a plain Linear whose output the model returns unchanged")
+    if mode == "fused":
+        raise ValueError(f"--fused_lm_head fused: the fused LM head cannot stand in for this model's head: {reason} "
+                         "(use --fused_lm_head auto or model).")
+    return HeadChoice(False, reason)
 
 
 def response_logps(
@@ -278,40 +318,27 @@ def response_logps(
         head: the model's output embedding (``get_output_embeddings()`` of the unwrapped model).
         inputs: model inputs; ``input_ids`` (R, L) plus whatever the processor produced.
         response_mask: (R, L) bool, True at response tokens. No row's response may start at position 0.
-        fused: None (default): adpo's vocabulary-chunked head (:func:`fused_lm_head_at`) wherever it gives the
-            model's own log-probs — ``head`` is a plain ``nn.Linear`` and the model returns the head's output
-            unchanged, which the first call with each head checks (that call is scored with the model's head);
-            else the model's head. True: the same, but an error where the fused head cannot be used. False: the
-            model's own head at the response positions.
+        fused: True: adpo's vocabulary-chunked head (:func:`fused_lm_head_at`); False: the model's own head at
+            the response positions. Decide it once with :func:`choose_lm_head` (the trainer does, at its start).
+            None: decide for this call (``choose_lm_head`` in ``auto`` mode: one more forward, without gradients).
         vocab_chunk: vocabulary entries per block of the fused head.
         sequence_ids, num_sequences: for a packed batch (:mod:`adpo.packing`, one row (1, T)): (T,) the
             sequence of each token, and how many sequences there are; sums and counts then come per sequence.
+    Returns:
+        (R,) sums and token counts (per sequence for a packed batch).
     """
+    if fused is None:
+        fused = choose_lm_head(model, head, inputs, response_mask).fused
     # The hidden state at t predicts the token at t + 1.
     predictors = torch.zeros_like(response_mask)
     predictors[:, :-1] = response_mask[:, 1:]
     targets = inputs["input_ids"][response_mask]
-    use_fused = False
-    if fused is not False:
-        first_call = head_blocker(head) is None and head not in _returns_head_output
-        if first_call:  # scored with the model's own head, which tells whether the fused one may stand in
-            per_token = _score_and_check(model, head, inputs, predictors, targets)
-        reason = _why_not_fused(head)
-        if reason is not None:
-            if fused:
-                raise ValueError(f"fused=True: the fused LM head cannot stand in for this model's head: {reason} "
-                                 "(CLI: --fused_lm_head false).")
-            _log_once(f"Scoring with the model's own LM head (full-vocabulary logits at the response positions): "
-                      f"{reason}.")
-        if first_call:
-            return _sums(per_token, response_mask, sequence_ids, num_sequences)
-        use_fused = reason is None
-    if use_fused:
+    if fused:
         with fused_lm_head_at(head, predictors, targets, vocab_chunk) as produced:
             per_token = model(**inputs, use_cache=False).logits
         if len(produced) != 1 or per_token.shape != produced[0].shape:
-            raise RuntimeError("The model called its LM head differently than on the first call (the fused head "
-                               "returned log-probs of shape "
+            raise RuntimeError("The model called its LM head differently than when the head was chosen (the fused "
+                               "head returned log-probs of shape "
                                f"{[tuple(p.shape) for p in produced]}, the model {tuple(per_token.shape)}).")
         per_token = per_token.float()
     else:

@@ -131,6 +131,10 @@ def packing_blocker(model: nn.Module, inputs: dict[str, torch.Tensor]) -> str | 
         return f"{model_type}: {UNPACKABLE[model_type]}"
     if "cross_attention_mask" in inputs:
         return "the batch has a per-row cross-attention mask"
+    if getattr(unwrapped_base(model), "is_gradient_checkpointing", False):
+        # The backward pass recomputes checkpointed layers outside packed_attention, i.e. with attention across
+        # the packed sequences: wrong gradients (re-entrant) or a CheckpointError (non-re-entrant).
+        return GRADIENT_CHECKPOINTING
     if not getattr(unwrapped_base(model), "_supports_attention_backend", False):
         return f"{type(unwrapped_base(model)).__name__} does not take transformers' attention backends"
     layer_types = set(getattr(config.get_text_config(), "layer_types", None) or ())
@@ -227,12 +231,17 @@ def packed_attention(model: nn.Module, batch: PackedBatch) -> Iterator[None]:
 _logged: set[str] = set()
 
 
-def padding_free_decision(model: nn.Module, inputs: dict[str, torch.Tensor], requested: bool | None) -> bool:
+GRADIENT_CHECKPOINTING = "gradient checkpointing recomputes attention outside the packed forward"
+
+
+def padding_free_decision(model: nn.Module, inputs: dict[str, torch.Tensor], requested: bool | None,
+                          gradient_checkpointing: bool = False) -> bool:
     """Whether to pack this batch: ``requested`` None (auto) packs where possible, logging a fallback once; True
-    raises where packing is impossible; False never packs."""
+    raises where packing is impossible; False never packs. ``gradient_checkpointing``: the run's, so that the
+    reference (a copy without checkpointing, or run under no_grad) is computed as the policy is."""
     if requested is False:
         return False
-    reason = packing_blocker(model, inputs)
+    reason = GRADIENT_CHECKPOINTING if gradient_checkpointing else packing_blocker(model, inputs)
     if reason is None:
         return True
     if requested:

@@ -107,7 +107,14 @@ def processor_class_without(cls: type[ProcessorMixin], parts: tuple[str, ...]) -
                 output.pop(name, None)
         return output
 
-    namespace = {"get_attributes": classmethod(get_attributes), "to_dict": to_dict, "_all_parts": all_parts,
+    @functools.wraps(cls.__init__)  # keeps cls's signature, which to_dict reads the settings to save from
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        for name in parts:
+            kwargs.setdefault(name, None)  # a left-out part may simply not be passed
+        cls.__init__(self, *args, **kwargs)
+
+    namespace = {"__init__": __init__, "get_attributes": classmethod(get_attributes), "to_dict": to_dict,
+                 "_all_parts": all_parts,
                  "__module__": __name__, "__doc__": f"{cls.__name__} without its {', '.join(parts)}."}
     return type(cls.__name__, (cls, _KeywordProcessorInit), namespace)
 

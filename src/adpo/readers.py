@@ -30,6 +30,23 @@ logger = logging.getLogger(__name__)
 TEXT_SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv"}
 
 
+class DuplicateKeyError(ValueError):
+    """A JSON object names one key twice (json.loads would silently keep the last value)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise DuplicateKeyError(key)
+        seen[key] = value
+    return seen
+
+
+def _loads(text: str) -> Any:
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
 @dataclass
 class FileRows:
     """The records of one file: good rows (with their record index) and bad records as errors."""
@@ -99,10 +116,13 @@ def _read_json(path: Path, data: bytes, first_row: int, whole_file_allowed: bool
             index += 1
             continue
         try:
-            record = json.loads(text)
+            record = _loads(text)
         except json.JSONDecodeError as err:
             out.errors.append((index, ADPODataError(index, None, f"not valid JSON: {where}: {err.msg} (column "
                                                     f"{err.colno})")))
+        except DuplicateKeyError as err:
+            out.errors.append((index, ADPODataError(index, str(err), f"appears twice in the object on {where} "
+                                                    "(which one is meant?)")))
         else:
             _add_record(out, index, record, where)
         index += 1
@@ -115,7 +135,7 @@ def _whole_json(path: Path, data: bytes) -> list[Any] | None:
     if head not in (b"[", b"{"):
         return None
     try:
-        document = json.loads(data.decode("utf-8"))
+        document = _loads(data.decode("utf-8"))
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
         raise ValueError(f"{path} is not UTF-8 text: byte 0x{data[err.start]:02x} on line {line}.") from None
@@ -123,6 +143,8 @@ def _whole_json(path: Path, data: bytes) -> list[Any] | None:
         if head == b"{" and err.msg == "Extra data":
             return None  # several objects, one per line
         raise ValueError(f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}.") from None
+    except DuplicateKeyError as err:
+        raise ValueError(f"{path}: the key {str(err)!r} appears twice in one object (which one is meant?).") from None
     if isinstance(document, list):
         return document
     if isinstance(document, dict):
@@ -188,7 +210,7 @@ def _nonblank(reader: Any) -> Iterator[tuple[int, list[str]]]:
     """(line the record starts on, cells) for every record that is not a blank line."""
     start = 1
     for cells in reader:
-        if cells and any(c.strip() for c in cells) or len(cells) > 1:
+        if len(cells) > 1 or (cells and cells[0].strip()):  # a lone empty or blank cell is a blank line
             yield start, cells
         start = reader.line_num + 1
 

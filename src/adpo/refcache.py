@@ -1,9 +1,10 @@
 """Precomputed reference log-probs (``--precompute_ref_log_probs``), cached on disk.
 
 The reference is frozen, so ``log π_ref(y|x)`` of every side of every row is fixed: one pass over the dataset
-before training replaces one reference forward per step for the whole run. The result is a table
-``row id → (sums, counts)`` of shape ``(N, S)`` (``S`` sides per row: 2, or 4 with the multitask DPO pair),
-saved as ``<cache_dir>/<key>.pt``. Storing token counts as well as sums lets the same table serve the summed
+before training replaces one reference forward per step for the whole run. The result is a table of
+``(sums, counts)``, each ``(N, S)`` in dataset order (``S`` sides per row: 2, or 4 with the multitask DPO pair),
+saved with a checksum as ``<cache_dir>/<key>.pt`` and joined to the dataset as columns (:mod:`adpo.reference`).
+Storing token counts as well as sums lets the same table serve the summed
 (sigmoid, hinge) and the per-token averaged (ipo) losses, so ``--loss_type`` is not part of the key.
 
 The key is a hash of three fingerprints, so a stale table is never used:
@@ -28,7 +29,7 @@ import math
 import os
 from collections.abc import Callable, Sized
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +38,14 @@ import transformers
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from .data import ALL_IMAGE_FIELDS, ROW_ID, iter_rows
+from .collator import ROW_IDS
+from .data import ALL_IMAGE_FIELDS, iter_rows
 from .logprobs import ResponseLogps
+from .rng import preserved_rng
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when the table layout or the log-prob computation changes
+CACHE_VERSION = 2  # bump when the table layout or the log-prob computation changes (2: dataset order, checksum)
 
 
 def default_cache_dir() -> Path:
@@ -182,48 +185,49 @@ def cache_key(model_fp: str, data_fp: str, settings: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- the table
+class ReferenceCacheError(ValueError):
+    """The reference cache cannot be written (full disk, no permission ...)."""
+
+
 @dataclass
 class RefLogpsTable:
-    """Reference log-probs per row: ``sums``/``counts`` (N, S), side ``s`` of row ``row_ids[i]`` at ``[i, s]``."""
+    """Reference log-probs of a dataset's rows, in dataset order: side ``s`` of row ``i`` at ``[i, s]``."""
 
-    row_ids: torch.Tensor  # (N,) long
     sums: torch.Tensor  # (N, S) fp32
     counts: torch.Tensor  # (N, S) long
-    _index: dict[int, int] = field(init=False, repr=False)
 
-    def __post_init__(self) -> None:
-        self._index = {int(r): i for i, r in enumerate(self.row_ids.tolist())}
-        if len(self._index) != len(self.row_ids):
-            raise ValueError("reference log-prob table: row ids are not unique.")
-
-    def lookup(self, row_ids: torch.Tensor, counts: torch.Tensor | None = None) -> ResponseLogps:
-        """The rows' log-probs laid out like the batch, side-major: ``(S·B,)`` = [side 0 of all rows; side 1; ...].
-
-        ``counts`` (S·B,), the batch's response token counts, is checked against the table's: a mismatch means
-        the table belongs to other data or settings.
-        """
-        missing = [int(r) for r in row_ids.tolist() if int(r) not in self._index]
-        if missing:
-            raise KeyError(f"reference log-prob cache has no row(s) {missing[:5]}: it was computed for other data.")
-        idx = torch.tensor([self._index[int(r)] for r in row_ids.tolist()], dtype=torch.long)
-        out = ResponseLogps(sums=self.sums[idx].T.reshape(-1), counts=self.counts[idx].T.reshape(-1))
-        if counts is not None and not torch.equal(out.counts, counts.to("cpu")):
-            raise RuntimeError(f"reference log-prob cache does not match rows {row_ids.tolist()}: their response "
-                               "token counts differ, so the table was computed with other data or settings.")
-        return out
+    def checksum(self, meta: str) -> str:
+        """sha256 of the table's bytes, shapes and meta data: a damaged (e.g. bit-flipped) file fails it."""
+        h = hashlib.sha256(f"{tuple(self.sums.shape)}|{tuple(self.counts.shape)}|{meta}|".encode())
+        for tensor in (self.sums, self.counts):
+            h.update(memoryview(tensor.contiguous().view(torch.uint8).reshape(-1).numpy()))
+        return h.hexdigest()
 
     def save(self, path: Path, meta: dict[str, Any]) -> None:
-        """Write atomically (a temporary file renamed into place), so a killed run never leaves half a file."""
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Write atomically (a temporary file renamed into place), so a killed run never leaves half a file; a
+        failed write (e.g. a full disk) removes its temporary file and raises :class:`ReferenceCacheError`."""
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        payload = {"row_ids": self.row_ids, "sums": self.sums, "counts": self.counts, "meta": json.dumps(meta)}
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        meta_text = json.dumps(meta, sort_keys=True, default=str)
+        payload = {"sums": self.sums, "counts": self.counts, "meta": meta_text, "checksum": self.checksum(meta_text)}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
+            tmp.unlink(missing_ok=True)
+            raise ReferenceCacheError(
+                f"--precompute_ref_log_probs: cannot write the reference cache {path}: {err}. Free disk space or "
+                "point --ref_cache_dir (or $ADPO_CACHE_DIR) at another folder."
+            ) from None
 
     @classmethod
     def load(cls, path: Path) -> RefLogpsTable:
+        """Read a table; ``ValueError`` if its checksum does not match (the file is damaged)."""
         payload = torch.load(path, map_location="cpu", weights_only=True)
-        return cls(payload["row_ids"], payload["sums"], payload["counts"])
+        table = cls(payload["sums"], payload["counts"])
+        if payload.get("checksum") != table.checksum(payload.get("meta", "")):
+            raise ValueError("its checksum does not match its contents")
+        return table
 
 
 def shard_indices(n: int, rank: int, world: int) -> list[int]:
@@ -235,38 +239,50 @@ def shard_indices(n: int, rank: int, world: int) -> list[int]:
 def compute_table(
     dataset: Sized,
     collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
-    batch_logps: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, ResponseLogps]],
+    batch_logps: Callable[[dict[str, torch.Tensor]], ResponseLogps],
     accelerator: Any,
     batch_size: int,
     num_workers: int = 0,
     show_progress: bool = True,
 ) -> RefLogpsTable:
-    """One pass over ``dataset`` (this rank's shard), gathered to every rank.
+    """One pass over ``dataset`` (this rank's shard), gathered to every rank, in dataset order.
+
+    Consumes no random numbers (the global RNG states are restored afterwards), so a seeded run trains the same
+    whether its table was computed or loaded.
 
     Args:
-        batch_logps: collated batch → (row ids (B,), reference log-probs (S·B,) side-major).
+        batch_logps: collated batch → reference log-probs (S·B,), side-major.
         accelerator: an ``accelerate.Accelerator`` (process index/count, gather, device).
         show_progress: a progress bar on each node's local main process.
     """
+    with preserved_rng():
+        return _compute_table(dataset, collator, batch_logps, accelerator, batch_size, num_workers, show_progress)
+
+
+def _compute_table(
+    dataset: Sized, collator: Callable, batch_logps: Callable, accelerator: Any, batch_size: int, num_workers: int,
+    show_progress: bool,
+) -> RefLogpsTable:
     from tqdm.auto import tqdm
 
     indices = shard_indices(len(dataset), accelerator.process_index, accelerator.num_processes)
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, collate_fn=collator,
                         num_workers=num_workers, shuffle=False)
-    ids, sums, counts = [], [], []
+    sums, counts = [], []
     quiet = not (show_progress and accelerator.is_local_main_process)
     for batch in tqdm(loader, desc="reference log-probs", disable=quiet):
-        row_ids, logps = batch_logps(batch)
-        n_sides = logps.sums.shape[0] // row_ids.shape[0]
-        ids.append(row_ids.cpu())
+        rows = batch[ROW_IDS].shape[0]
+        logps = batch_logps(batch)
+        n_sides = logps.sums.shape[0] // rows
         sums.append(logps.sums.detach().float().cpu().view(n_sides, -1).T)
         counts.append(logps.counts.cpu().view(n_sides, -1).T)
-    local = [torch.cat(ids), torch.cat(sums), torch.cat(counts)]
+    local = [torch.tensor(indices, dtype=torch.long), torch.cat(sums), torch.cat(counts)]
     if accelerator.num_processes > 1:
         local = [accelerator.gather(t.to(accelerator.device)).cpu() for t in local]
-    row_ids, all_sums, all_counts = local
-    first = _first_occurrences(row_ids)  # the wrapped shards repeat a few rows
-    return RefLogpsTable(row_ids[first], all_sums[first], all_counts[first])
+    positions, all_sums, all_counts = local
+    first = _first_occurrences(positions)  # the wrapped shards repeat a few rows
+    order = positions[first].argsort()
+    return RefLogpsTable(all_sums[first][order], all_counts[first][order])
 
 
 def _first_occurrences(values: torch.Tensor) -> torch.Tensor:
@@ -279,20 +295,11 @@ def _first_occurrences(values: torch.Tensor) -> torch.Tensor:
     return torch.tensor(keep, dtype=torch.long)
 
 
-def check_row_ids(dataset: Any) -> None:
-    """The cache looks rows up by ``_adpo_row``: it must exist and be unique."""
-    if ROW_ID not in getattr(dataset, "column_names", ()):
-        raise ValueError(f"--precompute_ref_log_probs needs a {ROW_ID!r} column of row ids "
-                         "(adpo.data.load_adpo_dataset adds it).")
-    ids = dataset[ROW_ID]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"--precompute_ref_log_probs: the {ROW_ID!r} column has repeated ids; make them unique.")
-
-
 def load_or_compute(
     path: Path, accelerator: Any, compute: Callable[[], RefLogpsTable], meta: dict[str, Any]
 ) -> tuple[RefLogpsTable, bool]:
-    """The table at ``path`` if every rank can read it, else ``compute()`` on all ranks and write it.
+    """The table at ``path`` if every rank can read it and it passes its checksum, else ``compute()`` on all ranks
+    and write it.
 
     Returns (table, whether it was loaded). Ranks decide together, so all of them run the computing pass (and its
     collectives) or none does, even when nodes do not share a disk.
@@ -301,18 +308,54 @@ def load_or_compute(
     if path.exists():
         try:
             table = RefLogpsTable.load(path)
+            if table.sums.shape[0] != meta.get("rows", table.sums.shape[0]):
+                raise ValueError(f"it holds {table.sums.shape[0]} rows, not {meta['rows']}")
         except Exception as err:  # a damaged file is rebuilt, never trusted
-            logger.warning("reference cache %s is unreadable (%s); recomputing it", path, err)
+            logger.warning("reference cache %s is damaged (%s): not using it; recomputing the reference "
+                           "log-probs", path, err)
+            table = None
     loaded = table is not None
     if accelerator.num_processes > 1:
         flags = accelerator.gather(torch.tensor([int(loaded)], device=accelerator.device))
         loaded = bool(flags.min().item())
     if loaded:
-        logger.info("reference log-probs: loaded %d rows from %s", len(table.row_ids), path)
+        logger.info("reference log-probs: loaded %d rows from %s", table.sums.shape[0], path)
         return table, True
     table = compute()
     if accelerator.is_local_main_process:
         table.save(path, meta)
-        logger.info("reference log-probs: wrote %d rows to %s", len(table.row_ids), path)
+        logger.info("reference log-probs: wrote %d rows to %s", table.sums.shape[0], path)
     accelerator.wait_for_everyone()
     return table, False
+
+
+class ReferenceCache:
+    """The disk cache of one reference: where its tables live and the key parts that do not depend on the data.
+
+    Args:
+        model: the reference's weights (a PEFT model: its base, adapters excluded); fingerprinted once here.
+        collator, mixed_precision: the log-prob settings (see :func:`log_prob_settings`).
+        cache_dir: the folder (default :func:`default_cache_dir`).
+    """
+
+    def __init__(
+        self, model: nn.Module, collator: Any, mixed_precision: str, accelerator: Any, cache_dir: str | None = None
+    ) -> None:
+        self.model_fp = model_fingerprint(model)
+        self.settings = log_prob_settings(collator, mixed_precision)
+        self.dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.accelerator = accelerator
+
+    def path(self, dataset: Any) -> Path:
+        return self.dir / f"{cache_key(self.model_fp, dataset_fingerprint(dataset), self.settings)}.pt"
+
+    def load_or_compute(
+        self, dataset: Any, compute: Callable[[Any], RefLogpsTable] | None
+    ) -> tuple[RefLogpsTable, bool]:
+        """(``dataset``'s table, whether it came from disk); ``compute`` None: the reference model is gone."""
+        path = self.path(dataset)
+        if compute is None and not path.exists():
+            raise ValueError("--precompute_ref_log_probs: this dataset's reference log-probs are not cached and the "
+                             "reference model was freed; pass every evaluation dataset to the trainer up front.")
+        meta = {"rows": len(dataset), "settings": self.settings, "model": self.model_fp}
+        return load_or_compute(path, self.accelerator, lambda: compute(dataset), meta)

@@ -1,7 +1,8 @@
 """One self-contained HTML page per evaluation or dataset check, to look at pair by pair.
 
 The page holds everything it shows: images as base64 JPEG thumbnails, plots as base64 PNG, a small inline script
-that sorts the table (click a column header) and filters it by group. It loads nothing from anywhere, so it opens
+that sorts the table (click a column header) and filters it by group (a link can open a view: ``#group=VALUE``,
+``#sort=N`` or ``#sort=-N`` for column N, descending). It loads nothing from anywhere, so it opens
 from disk in any browser with no server and no network. All text from the data (prompts, responses, column
 values, file names) is HTML-escaped: a row holding markup or script shows as text.
 
@@ -30,7 +31,7 @@ THUMBNAIL = 160  # longest edge of a thumbnail, pixels
 class Column:
     key: str
     label: str
-    kind: str = "text"  # text | num | images
+    kind: str = "text"  # text | num | images | tag (short text kept on one line)
 
 
 def thumbnail(value: Any, size: int = THUMBNAIL) -> str | None:
@@ -76,6 +77,8 @@ def _cell(column: Column, value: Any) -> str:
         parts = [f'<img src="{uri}" alt="image {k}">' if uri else
                  '<span class="bad">unreadable image</span>' for k, uri in enumerate(value or [])]
         return f'<td class="imgs">{"".join(parts) or "<span class=muted>none</span>"}</td>'
+    if column.kind == "tag":
+        return f'<td class="tag">{_esc(value)}</td>'
     return f'<td data-v="{_esc(value)}"><div class="txt">{_esc(value)}</div></td>'
 
 
@@ -87,7 +90,7 @@ th{background:#f4f4f4;cursor:pointer;position:sticky;top:0;user-select:none}
 th.sorted-asc::after{content:" \\25B2"}th.sorted-desc::after{content:" \\25BC"}
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 td.imgs img{max-width:160px;max-height:160px;margin:2px;display:inline-block;border:1px solid #ccc}
-div.txt{max-width:22em;max-height:12em;overflow:auto;white-space:pre-wrap;word-break:break-word}
+td.tag{white-space:nowrap}div.txt{max-width:22em;max-height:12em;overflow:auto;white-space:pre-wrap;word-break:break-word}
 .bad{color:#b00}.muted{color:#888}.summary td:first-child{font-weight:600}
 img.plot{max-width:100%;border:1px solid #eee}#count{margin-left:1em;color:#555}
 """
@@ -124,6 +127,11 @@ _SCRIPT = """
     count.textContent=shown+' of '+body.rows.length+' rows shown';
   }
   if(filter){filter.addEventListener('change',apply);}
+  // A link can open a view: #group=VALUE filters, #sort=N sorts by column N (#sort=-N: descending).
+  var hash=new URLSearchParams(location.hash.slice(1));
+  if(filter&&hash.has('group')){filter.value=hash.get('group');}
+  if(hash.has('sort')){var n=parseInt(hash.get('sort'),10);
+    if(Math.abs(n)<heads.length){sortBy(Math.abs(n));if(n<0||hash.get('sort')==='-0'){sortBy(Math.abs(n));}}}
   apply();
   window.addEventListener('load',function(){
     // Say on the page if any thumbnail failed to decode (a broken image would otherwise look like a blank).
@@ -279,7 +287,7 @@ def check_report(result: Any, name: str, path: str | Path, *, max_rows: int = 10
     rank = {"refused": 0, "identical sides": 1, "duplicate": 2, "ok": 3}
     order = sorted(result.rows, key=lambda r: (rank[status(r)], r["row"]))
     shown = order[:max_rows]
-    columns = [Column("row", "row", "num"), Column("_group", "status"), Column("why", "problem"),
+    columns = [Column("row", "row", "num"), Column("_group", "status", "tag"), Column("why", "problem"),
                Column("chosen_images", "chosen images", "images"),
                Column("rejected_images", "rejected images", "images"), Column("response", "response"),
                Column("chosen", "chosen prompt"), Column("rejected", "rejected prompt")]

@@ -3,42 +3,34 @@
 Each step runs one forward over the ``2B`` sequences ``[chosen; rejected]`` for the policy and, without
 gradients, one for the reference; the loss is a pure function of the four log-prob vectors (:mod:`adpo.losses`).
 With ``--multitask_weight`` the batch holds ``4B`` sequences (the rows' standard DPO pairs after the ADPO sides)
-and the loss is ``λ·L_DPO + (1−λ)·L_ADPO``. With ``--precompute_ref_log_probs`` the reference's log-probs come
-from an on-disk table computed once (:mod:`adpo.refcache`) and the reference model is freed.
+and the loss is ``λ·L_DPO + (1−λ)·L_ADPO``. Where the reference's log-probs come from is one object,
+``trainer.reference`` (:mod:`adpo.reference`): a frozen model, the policy with adapters off, or (with
+``--precompute_ref_log_probs``) columns joined to the datasets before training, after which a frozen reference
+model is freed.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
+import weakref
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.profiler import record_function
-from transformers import PreTrainedModel, Trainer
+from transformers import PreTrainedModel, Trainer, TrainerCallback
 
-from .collator import RESPONSE_MASK, ROW_IDS
+from .collator import REF_COUNTS, REF_LOGPS, RESPONSE_MASK, ROW_IDS
 from .config import ADPOConfig
-from .distributed import dummy_image_inputs, prepare_reference, vision_tower_every_forward
 from .guard import NonFiniteGuard, NonFiniteWeightsCheck
 from .image_dedup import each_image_once
-from .logprobs import ResponseLogps, response_logps
+from .logprobs import HeadChoice, ResponseLogps, choose_lm_head, response_logps
 from .losses import adpo_loss, multitask_loss
 from .packing import packed_forward, padding_free_decision
-from .refcache import (
-    RefLogpsTable,
-    cache_key,
-    check_row_ids,
-    compute_table,
-    dataset_fingerprint,
-    default_cache_dir,
-    load_or_compute,
-    log_prob_settings,
-    model_fingerprint,
-)
+from .refcache import RefLogpsTable, compute_table
+from .reference import PrecomputedReference, Reference, build_reference, prepare_reference
+from .rng import preserved_rng
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +58,9 @@ class ADPOTrainer(Trainer):
         self._metrics: dict[str, defaultdict[str, list[float]]] = {
             "train": defaultdict(list), "eval": defaultdict(list)
         }
-        self.ref_model = None if ref_model is None else self._prepare_reference(ref_model)
-        self._dummy_images: dict[str, torch.Tensor] | None = None  # built on first use (adpo.distributed)
+        # --fused_lm_head: the head that scores each model ("policy", "reference"), chosen before training.
+        self.lm_head: dict[str, HeadChoice] = {}
+        self.add_callback(_ChooseLMHeads(self))
         self.nonfinite_guard = NonFiniteGuard(lambda: self.model)
         if self.is_deepspeed_enabled:
             logger.warning("DeepSpeed steps inside backward: a non-finite loss or gradient cannot be kept from "
@@ -75,67 +68,109 @@ class ADPOTrainer(Trainer):
         else:
             self.add_callback(self.nonfinite_guard)
         self.add_callback(NonFiniteWeightsCheck(lambda: self.model))  # never save NaN/inf weights
-        # --precompute_ref_log_probs: tables by dataset, and the ones in use for training / evaluation.
-        self._ref_tables: dict[int, tuple[Any, RefLogpsTable]] = {}
-        self._active_tables: dict[str, RefLogpsTable | None] = {"train": None, "eval": None}
-        self.ref_cache_hits = 0  # tables loaded from disk rather than computed (for logs and tests)
-        if args.precompute_ref_log_probs:
-            self._precompute_reference()
+        # DDP: on the device, unwrapped; ZeRO-3 / FSDP: sharded like the policy (adpo.reference).
+        placed = None if ref_model is None else prepare_reference(ref_model, self.accelerator)
+        self.reference: Reference | None = build_reference(args, placed, self.model, self.data_collator,
+                                                           self.accelerator, self._compute_table)
+        if isinstance(self.reference, PrecomputedReference):  # join the columns, free the frozen model
+            self.train_dataset, self.eval_dataset = self.reference.precompute(
+                self.train_dataset, self.eval_dataset, self.accelerator)
 
-    def _prepare_reference(self, ref_model: PreTrainedModel) -> nn.Module:
-        # DDP: on the device, unwrapped; ZeRO-3 / FSDP: sharded like the policy (adpo.distributed).
-        return prepare_reference(ref_model, self.accelerator)
+    # ------------------------------------------------------------------ reference
+    @property
+    def ref_model(self) -> nn.Module | None:
+        """The frozen reference model in use; None with adapters off, reference-free, or once precomputed."""
+        return None if self.reference is None else self.reference.frozen_model
+
+    def _compute_table(self, dataset: Any) -> RefLogpsTable:
+        live = self.reference.live
+
+        def batch_logps(batch: dict[str, torch.Tensor]) -> ResponseLogps:
+            batch = self._prepare_inputs(batch)
+            mask = batch.pop(RESPONSE_MASK)
+            batch.pop(ROW_IDS)
+            with self.accelerator.autocast():  # the numerics of the live reference under --bf16/--fp16
+                return live.logps(self.model, batch, mask, self._logps)
+
+        return compute_table(dataset, self.data_collator, batch_logps, self.accelerator,
+                             self.args.per_device_eval_batch_size, self.args.dataloader_num_workers,
+                             show_progress=not self.args.disable_tqdm)
+
+    def reference_logps(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor], mask: torch.Tensor,
+        columns: dict[str, torch.Tensor] | None = None,
+    ) -> ResponseLogps | None:
+        """The reference's log-probs (R,) of ``inputs``; None when reference-free. ``columns``: the batch's
+        precomputed ``ref_logps``/``ref_counts``."""
+        if self.reference is None:
+            return None
+        return self.reference.logps(model, inputs, mask, self._logps, columns)
+
+    def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
+        """``Trainer.get_eval_dataloader``; with precomputed reference log-probs, over the dataset with them."""
+        if self.reference is not None and not isinstance(eval_dataset, str):  # by name: joined at the start
+            eval_dataset = self.reference.prepare_dataset(self.eval_dataset if eval_dataset is None else eval_dataset)
+        return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset: Any) -> Any:
+        """``Trainer.get_test_dataloader``; with precomputed reference log-probs, over the dataset with them."""
+        if self.reference is not None:
+            test_dataset = self.reference.prepare_dataset(test_dataset)
+        return super().get_test_dataloader(test_dataset)
+
+    # ------------------------------------------------------------------ LM head
+    def choose_lm_heads(self, policy: nn.Module | None = None) -> dict[str, HeadChoice]:
+        """Decide, without gradients, which LM head scores the policy and the frozen reference (``--fused_lm_head``),
+        on one probe row of the training (else evaluation) data; store and log each choice once.
+
+        Runs when training begins (after the Trainer wrapped the model), so step 1 already uses the chosen head:
+        with the fused head it never holds ``N × V`` logits. Evaluation or precomputing outside ``train()`` decide
+        on their first batch instead, also in a forward of their own without gradients."""
+        models = {"policy": policy or self.model_wrapped, "reference": self.ref_model}
+        for role, model in models.items():
+            if model is not None and role not in self.lm_head:
+                probe = self._probe_batch()
+                if probe is not None:
+                    self._choose_lm_head(role, model, *probe)
+        return self.lm_head
+
+    def _probe_batch(self) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
+        dataset = self.train_dataset if self.train_dataset is not None else self.eval_dataset
+        if isinstance(dataset, dict):
+            dataset = next(iter(dataset.values()), None)
+        if dataset is None or len(dataset) == 0:
+            return None
+        batch = self._prepare_inputs(self.data_collator([dataset[0]]))
+        for key in (ROW_IDS, REF_LOGPS, REF_COUNTS):
+            batch.pop(key, None)
+        return batch, batch.pop(RESPONSE_MASK)
+
+    def _choose_lm_head(
+        self, role: str, model: nn.Module, inputs: dict[str, torch.Tensor], mask: torch.Tensor
+    ) -> HeadChoice:
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        # The numerics of the steps to come (autocast); a probe in train mode draws dropout masks: not from the run's
+        # random-number streams.
+        with self.compute_loss_context_manager(), preserved_rng():
+            choice = choose_lm_head(model, head, inputs, mask, self.args.fused_lm_head)
+        self.lm_head[role] = choice
+        logger.info("LM head of the %s: %s", role, choice.describe())
+        return choice
 
     # ------------------------------------------------------------------ log-probs
     def _logps(self, model: nn.Module, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> ResponseLogps:
+        role = "reference" if model is self.ref_model else "policy"  # adapters off: the policy's own head
         unwrapped = self.accelerator.unwrap_model(model)
-        with vision_tower_every_forward(unwrapped, inputs, self._image_placeholder()), \
-                each_image_once(unwrapped, self.args.deduplicate_images):  # adpo.image_dedup
-            fused = None if self.args.fused_lm_head else False  # None: wherever it gives the model's log-probs
-            head = unwrapped.get_output_embeddings()
-            if padding_free_decision(unwrapped, inputs, self.args.padding_free):
+        head = unwrapped.get_output_embeddings()
+        with each_image_once(unwrapped, self.args.deduplicate_images):  # adpo.image_dedup
+            if padding_free_decision(unwrapped, inputs, self.args.padding_free, self.args.gradient_checkpointing):
                 with packed_forward(unwrapped, inputs, mask) as packed:  # adpo.packing
-                    return response_logps(model, head, packed.inputs, packed.response_mask, fused=fused,
+                    choice = self.lm_head.get(role) or self._choose_lm_head(role, model, packed.inputs,
+                                                                             packed.response_mask)
+                    return response_logps(model, head, packed.inputs, packed.response_mask, fused=choice.fused,
                                           sequence_ids=packed.sequence_ids, num_sequences=mask.shape[0])
-            return response_logps(model, head, inputs, mask, fused=fused)
-
-    def _image_placeholder(self) -> dict[str, torch.Tensor] | None:
-        """A dummy image's inputs in multi-process multimodal runs (every rank must run the vision tower)."""
-        if self.args.world_size == 1 or not getattr(self.data_collator, "multimodal", False):
-            return None
-        if self._dummy_images is None:
-            self._dummy_images = dummy_image_inputs(self.processing_class)
-        return self._dummy_images
-
-    @torch.no_grad()
-    def reference_logps(
-        self, model: nn.Module, inputs: dict[str, torch.Tensor], mask: torch.Tensor,
-        row_ids: torch.Tensor | None = None,
-    ) -> ResponseLogps | None:
-        """The reference's log-probs (R,): precomputed (looked up by ``row_ids``), the frozen model, or the policy
-        with adapters off (in eval mode)."""
-        if self.args.reference_free:
-            return None
-        table = self._active_tables["train" if model.training else "eval"]
-        if table is not None:
-            found = table.lookup(row_ids, mask.sum(1))
-            return ResponseLogps(found.sums.to(mask.device), found.counts.to(mask.device))
-        return self._live_reference_logps(model, inputs, mask)
-
-    @torch.no_grad()
-    def _live_reference_logps(
-        self, model: nn.Module, inputs: dict[str, torch.Tensor], mask: torch.Tensor
-    ) -> ResponseLogps:
-        if self.ref_model is not None:
-            return self._logps(self.ref_model, inputs, mask)
-        unwrapped = self.accelerator.unwrap_model(model)
-        was_training = unwrapped.training
-        unwrapped.eval()  # the reference is deterministic: no dropout
-        try:
-            with unwrapped.disable_adapter():
-                return self._logps(model, inputs, mask)
-        finally:
-            unwrapped.train(was_training)
+            choice = self.lm_head.get(role) or self._choose_lm_head(role, model, inputs, mask)
+            return response_logps(model, head, inputs, mask, fused=choice.fused)
 
     # ------------------------------------------------------------------ loss
     def training_step(
@@ -158,10 +193,11 @@ class ADPOTrainer(Trainer):
         """
         inputs = dict(inputs)
         mask = inputs.pop(RESPONSE_MASK)
-        row_ids = inputs.pop(ROW_IDS, None)
+        inputs.pop(ROW_IDS, None)
+        columns = {key: inputs.pop(key) for key in (REF_LOGPS, REF_COUNTS) if key in inputs}
         # Named ranges for torch.profiler traces (negligible cost when no profiler runs).
         with record_function("adpo.reference_logps"):
-            ref = self.reference_logps(model, inputs, mask, row_ids)
+            ref = self.reference_logps(model, inputs, mask, columns)
         with record_function("adpo.policy_logps"):
             policy = self._logps(model, inputs, mask)
         weight = self.args.multitask_weight
@@ -234,79 +270,6 @@ class ADPOTrainer(Trainer):
         self._store(metrics, "eval")
         return loss.detach(), None, None
 
-    # ------------------------------------------------------------------ precomputed reference
-    def _precompute_reference(self) -> None:
-        """Load or compute the reference tables of the train and eval datasets, then free the reference model."""
-        source = self.ref_model if self.ref_model is not None else self.model
-        self._ref_model_fp = model_fingerprint(self.accelerator.unwrap_model(source))
-        self._ref_settings = log_prob_settings(self.data_collator, str(self.accelerator.mixed_precision))
-        self._ref_cache_dir = Path(self.args.ref_cache_dir) if self.args.ref_cache_dir else default_cache_dir()
-        if self.train_dataset is not None:
-            self._active_tables["train"] = self._table_for(self.train_dataset)
-        evals = self.eval_dataset if isinstance(self.eval_dataset, dict) else {"": self.eval_dataset}
-        for dataset in evals.values():
-            if dataset is not None:
-                self._active_tables["eval"] = self._table_for(dataset)
-        if self.ref_model is not None:
-            self._free_reference()
-
-    def _free_reference(self) -> None:
-        ref = self.ref_model
-        self.ref_model = None
-        # accelerate keeps every prepared model in _models; drop ours so its memory can be released.
-        self.accelerator._models = [m for m in self.accelerator._models if m is not ref]
-        del ref
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        logger.info("reference log-probs precomputed: reference model freed")
-
-    def _table_for(self, dataset: Any) -> RefLogpsTable:
-        """The reference table of ``dataset``: memoised, else from the disk cache, else computed (and saved)."""
-        if id(dataset) in self._ref_tables:
-            return self._ref_tables[id(dataset)][1]
-        check_row_ids(dataset)
-        key = cache_key(self._ref_model_fp, dataset_fingerprint(dataset), self._ref_settings)
-        path = self._ref_cache_dir / f"{key}.pt"
-        if self.ref_model is None and not hasattr(self.model, "disable_adapter") and not path.exists():
-            raise ValueError("--precompute_ref_log_probs: this dataset's reference log-probs are not cached and the "
-                             "reference model was freed; pass every evaluation dataset to the trainer up front.")
-        meta = {"rows": len(dataset), "settings": self._ref_settings, "model": self._ref_model_fp}
-        table, loaded = load_or_compute(path, self.accelerator, lambda: self._compute_table(dataset), meta)
-        self.ref_cache_hits += int(loaded)
-        self._ref_tables[id(dataset)] = (dataset, table)  # keep the dataset alive so its id stays unique
-        return table
-
-    def _compute_table(self, dataset: Any) -> RefLogpsTable:
-        def batch_logps(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ResponseLogps]:
-            batch = self._prepare_inputs(batch)
-            mask = batch.pop(RESPONSE_MASK)
-            row_ids = batch.pop(ROW_IDS)
-            with self.accelerator.autocast():  # the numerics of the live reference under --bf16/--fp16
-                return row_ids, self._live_reference_logps(self.model, batch, mask)
-
-        return compute_table(dataset, self.data_collator, batch_logps, self.accelerator,
-                             self.args.per_device_eval_batch_size, self.args.dataloader_num_workers,
-                             show_progress=not self.args.disable_tqdm)
-
-    def evaluate(
-        self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
-    ) -> dict[str, float]:
-        """``Trainer.evaluate``; with precomputed reference log-probs, first selects the evaluated dataset's table."""
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if isinstance(dataset, str):  # Trainer.evaluate names one of a dict of eval datasets
-            dataset = self.eval_dataset[dataset]
-        if self.args.precompute_ref_log_probs and dataset is not None and not isinstance(dataset, dict):
-            self._active_tables["eval"] = self._table_for(dataset)
-        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-
-    def predict(self, test_dataset: Any, ignore_keys: list[str] | None = None,
-                metric_key_prefix: str = "test") -> Any:
-        """``Trainer.predict``; with precomputed reference log-probs, first selects ``test_dataset``'s table."""
-        if self.args.precompute_ref_log_probs:
-            self._active_tables["eval"] = self._table_for(test_dataset)
-        return super().predict(test_dataset, ignore_keys, metric_key_prefix)
-
     # ------------------------------------------------------------------ metrics
     def _store(self, metrics: dict[str, torch.Tensor], mode: str) -> None:
         """Gather the per-pair metrics of all processes in one collective and one device sync."""
@@ -329,3 +292,15 @@ class ADPOTrainer(Trainer):
 def _split(logps: ResponseLogps, groups: int) -> list[ResponseLogps]:
     """(G·B,) → G × (B,) along dim 0, in batch order."""
     return [ResponseLogps(s, c) for s, c in zip(logps.sums.chunk(groups), logps.counts.chunk(groups), strict=True)]
+
+
+class _ChooseLMHeads(TrainerCallback):
+    """Choose the LM heads when training begins: the model is wrapped (DDP, DeepSpeed, FSDP), no step has run."""
+
+    def __init__(self, trainer: ADPOTrainer) -> None:
+        self.trainer = weakref.ref(trainer)  # no cycle: the trainer (and its models) go when unreachable
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        trainer = self.trainer()
+        if trainer is not None:
+            trainer.choose_lm_heads()

@@ -3,7 +3,7 @@
 # with wheels in .whl/ for what its image lacks (datasets, dill, multiprocess, transformers==5.24.0):
 #   run(command="bash tests/gpu/scaleout_check.sh", carry=[".whl"], timeout_s=420)
 # Checks, on one GPU with --bf16 and the tiny Idefics3: configs/fsdp.yaml trains with the frozen reference
-# (sharded by adpo.distributed), step-1 loss is log 2, the consolidated output reloads with from_pretrained;
+# (sharded by adpo.reference), step-1 loss is log 2, the consolidated output reloads with from_pretrained;
 # the same with LoRA (reference = adapters off); multi_gpu_config.yaml trains on the GPU.
 set -euo pipefail
 if ls .whl/*.whl >/dev/null 2>&1; then

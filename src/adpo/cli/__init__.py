@@ -15,7 +15,8 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser, set_seed
 
-from ..config import ADPOConfig, DataArguments, ModelArguments
+from ..config import ADPOConfig, DataArguments, ModelArguments, runs_on_cpu
+from ..launch import compute_cleanup, compute_init
 
 logger = logging.getLogger("adpo")
 
@@ -31,23 +32,41 @@ def build_parser() -> HfArgumentParser:
         # A bare --multimodal_mode means true; leaving it out means "auto" (None).
         if action.dest == "multimodal_mode":
             action.nargs, action.const = "?", True
+        if action.dest == "fused_lm_head":  # a bare --fused_lm_head (once a boolean flag) means fused
+            action.nargs, action.const = "?", "fused"
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, ADPOConfig]:
+def parse_namespace(argv: list[str] | None = None) -> tuple[HfArgumentParser, argparse.Namespace]:
+    """Every flag's value (``--config`` file applied, command line winning) before any dataclass is built."""
     parser = build_parser()
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
     if known.config:
         parser.set_defaults(**load_config_file(known.config, parser))
-    # The trailing namespace holds --config (already applied above).
-    model_args, data_args, training_args, _, extra = parser.parse_args_into_dataclasses(
-        args=argv, return_remaining_strings=True
-    )
+    namespace, extra = parser.parse_known_args(args=argv)
     if extra:
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
+    return parser, namespace
+
+
+def dataclasses_from(
+    parser: HfArgumentParser, namespace: argparse.Namespace
+) -> tuple[ModelArguments, DataArguments, ADPOConfig]:
+    """Build the three argument dataclasses from ``namespace`` (their checks run here)."""
+    values = vars(namespace)
+    built = []
+    for dtype in parser.dataclass_types:
+        names = {f.name for f in dataclasses.fields(dtype) if f.init}
+        built.append(dtype(**{k: v for k, v in values.items() if k in names}))
+    model_args, data_args, training_args = built
     return model_args, data_args, training_args
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, ADPOConfig]:
+    """The three argument dataclasses of ``argv``. Prepares no launch: see :func:`main`."""
+    return dataclasses_from(*parse_namespace(argv))
 
 
 def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
@@ -98,19 +117,31 @@ def _accepts_containers(parser: Any, key: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    model_args, data_args, training_args = parse_args(argv)
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        level=logging.INFO if training_args.should_log else logging.WARNING,
+    parser, namespace = parse_namespace(argv)
+    # Before the configuration is built: TrainingArguments sets up the devices (and any process group) from the
+    # environment that compute_init prepares.
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if os.environ.get("LOCAL_RANK", "0") == "0" else logging.WARNING)
+    launch = compute_init(
+        namespace.deepspeed,
+        use_cpu=runs_on_cpu(namespace.use_cpu, namespace.bf16, namespace.fp16),
+        ddp_timeout=namespace.ddp_timeout,
+        accelerator_config=namespace.accelerator_config,
     )
-    from ..distributed import destroy_process_group
-
     try:
+        namespace.deepspeed, namespace.accelerator_config = launch.deepspeed, launch.accelerator_config
+        model_args, data_args, training_args = dataclasses_from(parser, namespace)
+        if not training_args.should_log:
+            logging.getLogger().setLevel(logging.WARNING)
         code = train_and_save(model_args, data_args, training_args)
     except KeyboardInterrupt:
-        print(f"\nadpo: stopped at once. {_last_checkpoint_note(training_args.output_dir)}", file=sys.stderr)
+        compute_cleanup(launch, synchronize=False)
+        print(f"\nadpo: stopped at once. {_last_checkpoint_note(namespace.output_dir)}", file=sys.stderr)
         return 130
-    destroy_process_group()  # the trainer, whose DDP wrapper held the group, went with train_and_save's frame
+    except BaseException:
+        compute_cleanup(launch, synchronize=False)
+        raise
+    compute_cleanup(launch)  # the trainer, whose DDP wrapper held the group, went with train_and_save's frame
     return code
 
 

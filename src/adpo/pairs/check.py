@@ -72,7 +72,8 @@ class CheckResult:
                + ("" if self.model else " (schema and images only; --model_name_or_path adds the trainer's "
                   "full check and token counts)"),
                f"  identical sides (no signal): {s['identical_sides']}; duplicate rows: {s['duplicate_rows']}",
-               f"  images: modes {s['image_modes']}; most common sizes {dict(self.image_sizes.most_common(5))}"]
+               f"  images: modes {s['image_modes']}; most common sizes {dict(self.image_sizes.most_common(5))}"
+               if self.image_modes else "  images: none"]
         for side in SIDE_IMAGES:
             if f"tokens_{side}" in s:
                 t = s[f"tokens_{side}"]

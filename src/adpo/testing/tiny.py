@@ -657,6 +657,315 @@ def build_tiny_qwen3_5(path: str | Path, **kwargs: Any) -> Path:
     return _build_tiny_qwen3(path, "3.5", **kwargs)
 
 
+def build_tiny_smolvlm(
+    path: str | Path, *, image_size: int = 32, patch_size: int = 8, hidden_size: int = 64, num_layers: int = 2,
+    vocab_size: int = 400, seed: int = 0, extra_text: Iterable[str] = (),
+) -> Path:
+    """Write a tiny random SmolVLM2 (SmolVLMForConditionalGeneration, SmolVLMProcessor) to ``path``.
+
+    As SmolVLM2's checkpoints, the folder's processor config holds video settings (frames, fps), which the
+    processor reads for every chat, images only included; the video processor itself needs torchvision, so
+    without it adpo.processing keeps those settings on a stand-in. Needs the ``num2words`` package, as the real
+    processor does. Each image becomes ``(image_size // patch_size) ** 2 / 4`` tokens (4 by default).
+    """
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessorPil, SmolVLMProcessor
+    from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
+
+    from adpo.processing import UnavailablePart, image_only_processor_class
+
+    path = Path(path)
+    specials = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
+                "<global-img>", "<video>"] + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+    tokenizer = _tokenizer(specials, extra_text, vocab_size, bos_token="<|im_start|>", eos_token="<end_of_utterance>",
+                           pad_token="<|endoftext|>", unk_token="<|endoftext|>", extra_special_tokens=specials[3:])
+    scale_factor = 2
+    image_processor = SmolVLMImageProcessorPil(size={"longest_edge": image_size},
+                                               max_image_size={"longest_edge": image_size}, do_image_splitting=False)
+    video_settings = {"video_processor_type": "SmolVLMVideoProcessor", "num_frames": 64, "fps": 1,
+                      "size": {"longest_edge": image_size}, "max_image_size": {"longest_edge": image_size}}
+    processor = image_only_processor_class(SmolVLMProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer,
+        video_processor=UnavailablePart("video_processor", video_settings, "needs torchvision"),
+        image_seq_len=(image_size // patch_size) ** 2 // scale_factor**2, chat_template=DEFAULT_CHAT_TEMPLATE,
+    )
+    torch.manual_seed(seed)
+    config = SmolVLMConfig(
+        vision_config={"hidden_size": hidden_size // 2, "intermediate_size": hidden_size, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "image_size": image_size, "patch_size": patch_size},
+        text_config=_text_config(tokenizer, hidden_size, num_layers),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), scale_factor=scale_factor,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    return _save(SmolVLMForConditionalGeneration(config), processor, path, "SmolVLM2")
+
+
+# llava-hf/llava-onevision-qwen2-7b-ov-hf: every turn opens with "<|im_start|>role " (a space) but the generation
+# prompt is "<|im_start|>assistant\n", so the assistant turn does not continue the generation prompt.
+LLAVA_ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] }}{% endgeneration %}{% endfor %}{% endif %}{{ '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_tiny_llava_onevision(
+    path: str | Path, *, image_size: int = 16, patch_size: int = 8, hidden_size: int = 64, num_layers: int = 2,
+    vocab_size: int = 400, seed: int = 0, extra_text: Iterable[str] = (),
+) -> Path:
+    """Write a tiny random LLaVA-OneVision (SigLIP tower, AnyRes tiles, Qwen2 text) and its processor to ``path``.
+
+    Each image: a base view plus tiles on the best grid of ``image_size`` cells from (1x2, 2x1, 2x2), unpadded
+    to its aspect ratio, with a newline embedding per row; the processor saves the real checkpoint's
+    ``vision_aspect_ratio`` and ``num_image_tokens``.
+    """
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessorPil,
+        LlavaOnevisionProcessor,
+    )
+
+    from adpo.processing import image_only_processor_class
+
+    path = Path(path)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+    tokenizer = _tokenizer(specials, extra_text, vocab_size, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                           extra_special_tokens=specials[3:])
+    pinpoints = [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": image_size, "width": image_size},
+                                                      image_grid_pinpoints=pinpoints)
+    processor = image_only_processor_class(LlavaOnevisionProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=(image_size // patch_size) ** 2,
+        vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+        chat_template=LLAVA_ONEVISION_CHAT_TEMPLATE,
+    )
+    torch.manual_seed(seed)
+    config = LlavaOnevisionConfig(
+        vision_config=_siglip_vision(hidden_size // 2, image_size, patch_size),
+        text_config=_text_config(tokenizer, hidden_size, num_layers, model_type="qwen2"),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=pinpoints, vision_feature_layer=-1, vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9", tie_word_embeddings=False,
+    )
+    return _save(LlavaOnevisionForConditionalGeneration(config), processor, path, "LLaVA-OneVision")
+
+
+# OpenGVLab/InternVL3-1B-hf: ChatML; each image is "<IMG_CONTEXT>" in the text, which the processor expands to
+# <img><IMG_CONTEXT>*N</img>.
+INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}{% elif content['type'] == 'text' %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_tiny_internvl(
+    path: str | Path, *, image_size: int = 16, patch_size: int = 4, hidden_size: int = 64, num_layers: int = 2,
+    vocab_size: int = 400, max_patches: int = 3, seed: int = 0, extra_text: Iterable[str] = (),
+) -> Path:
+    """Write a tiny random InternVL 3.x (InternViT, pixel-shuffle MLP projector, Qwen2 text; the -hf layout) and
+    its processor to ``path``. Images are cut into up to ``max_patches`` tiles of ``image_size`` pixels plus a
+    thumbnail (GotOcr2 image processor); each tile becomes ``(image_size // patch_size) ** 2 / 4`` tokens."""
+    from transformers import (
+        GotOcr2ImageProcessorPil,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+    )
+
+    from adpo.processing import image_only_processor_class
+
+    path = Path(path)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+    tokenizer = _tokenizer(specials, extra_text, vocab_size, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                           extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
+                                                 "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
+    image_processor = GotOcr2ImageProcessorPil(size={"height": image_size, "width": image_size}, crop_to_patches=True,
+                                               min_patches=1, max_patches=max_patches)
+    image_seq_length = (image_size // patch_size) ** 2 // 4
+    processor = image_only_processor_class(InternVLProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_length=image_seq_length,
+        chat_template=INTERNVL_CHAT_TEMPLATE,
+    )
+    torch.manual_seed(seed)
+    config = InternVLConfig(
+        vision_config={"hidden_size": hidden_size // 2, "intermediate_size": hidden_size, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "image_size": [image_size, image_size],
+                       "patch_size": [patch_size, patch_size]},
+        text_config=_text_config(tokenizer, hidden_size, num_layers, model_type="qwen2"),
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=image_seq_length,
+        downsample_ratio=0.5, tie_word_embeddings=False,
+    )
+    return _save(InternVLForConditionalGeneration(config), processor, path, "InternVL")
+
+
+# CohereLabs/aya-vision-8b (default system preamble left out): Cohere turn tokens, "<image>" per image.
+AYA_VISION_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|START_OF_TURN_TOKEN|>' }}"
+    "{{ '<|USER_TOKEN|>' if message['role'] == 'user' else '<|CHATBOT_TOKEN|>' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<image>' }}{% elif content['type'] == 'text' %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}{{ '<|END_OF_TURN_TOKEN|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>' }}{% endif %}"
+)
+
+
+def build_tiny_aya_vision(
+    path: str | Path, *, image_size: int = 16, patch_size: int = 4, hidden_size: int = 64, num_layers: int = 2,
+    vocab_size: int = 400, max_patches: int = 2, seed: int = 0, extra_text: Iterable[str] = (),
+) -> Path:
+    """Write a tiny random Aya Vision (SigLIP tower, pixel-shuffle SwiGLU projector, Cohere 2 text) and its
+    processor to ``path``: up to ``max_patches`` tiles plus a global view per image, each
+    ``(image_size // (patch_size * 2)) ** 2`` image tokens."""
+    from transformers import (
+        AyaVisionConfig,
+        AyaVisionForConditionalGeneration,
+        AyaVisionProcessor,
+        GotOcr2ImageProcessorPil,
+    )
+
+    path = Path(path)
+    specials = ["<PAD>", "<UNK>", "<BOS_TOKEN>", "<EOS_TOKEN>", "<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>",
+                "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>", "<|SYSTEM_TOKEN|>", "<image>", "<|START_OF_IMG|>",
+                "<|END_OF_IMG|>", "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>", "TILE", "TILE_GLOBAL"]
+    tokenizer = _tokenizer(specials, extra_text, vocab_size, pad_token="<PAD>", unk_token="<UNK>",
+                           bos_token="<BOS_TOKEN>", eos_token="<|END_OF_TURN_TOKEN|>",
+                           extra_special_tokens=specials[4:])
+    image_processor = GotOcr2ImageProcessorPil(size={"height": image_size, "width": image_size}, crop_to_patches=True,
+                                               min_patches=1, max_patches=max_patches, image_mean=[0.5] * 3,
+                                               image_std=[0.5] * 3)
+    processor = AyaVisionProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                                   img_size=image_size, downsample_factor=2, chat_template=AYA_VISION_CHAT_TEMPLATE)
+    torch.manual_seed(seed)
+    config = AyaVisionConfig(
+        vision_config=_siglip_vision(hidden_size // 2, image_size, patch_size),
+        text_config=_text_config(tokenizer, hidden_size, num_layers, model_type="cohere2", head_dim=hidden_size // 4,
+                                 sliding_window=64, layer_types=["sliding_attention", "full_attention"][-num_layers:]
+                                 if num_layers <= 2 else None),
+        image_token_index=tokenizer.convert_tokens_to_ids("<|IMG_PATCH|>"), downsample_factor=2,
+        vision_feature_select_strategy="full", vision_feature_layer=-1, tie_word_embeddings=False,
+    )
+    return _save(AyaVisionForConditionalGeneration(config), processor, path, "Aya Vision")
+
+
+# zai-org/GLM-4.1V-9B-Thinking (tools left out): [gMASK]<sop>, role tokens, <|begin_of_image|><|image|><|end_of_image|>.
+GLM4V_CHAT_TEMPLATE = (
+    "[gMASK]<sop>{% for message in messages %}{{ '<|' + message['role'] + '|>\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<|begin_of_image|><|image|><|end_of_image|>' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ '<|user|>' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+def build_tiny_glm4v(
+    path: str | Path, *, patch_size: int = 8, hidden_size: int = 64, num_layers: int = 2, vocab_size: int = 400,
+    min_pixels: int = 16 * 16, max_pixels: int = 32 * 32, seed: int = 0, extra_text: Iterable[str] = (),
+) -> Path:
+    """Write a tiny random GLM-4.1V (GLM-4V vision tower with merger, GLM-4 text) and its (image-only) processor to
+    ``path``; images as in :func:`build_tiny_qwen3_vl`. The assistant turn ends with ``<|user|>``, as GLM's does."""
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration, Glm4vImageProcessorPil, Glm4vProcessor
+
+    from adpo.processing import image_only_processor_class
+
+    path = Path(path)
+    specials = ["<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>",
+                "<|begin_of_image|>", "<|end_of_image|>", "<|image|>", "<|begin_of_video|>", "<|end_of_video|>",
+                "<|video|>"]
+    tokenizer = _tokenizer(specials, extra_text, vocab_size, eos_token="<|user|>", pad_token="<|endoftext|>",
+                           extra_special_tokens=specials[1:])
+    image_processor = Glm4vImageProcessorPil(size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+                                             patch_size=patch_size, merge_size=2, temporal_patch_size=2)
+    processor = image_only_processor_class(Glm4vProcessor)(image_processor=image_processor, tokenizer=tokenizer,
+                                                           chat_template=GLM4V_CHAT_TEMPLATE)
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in [
+        ("image_token_id", "<|image|>"), ("video_token_id", "<|video|>"),
+        ("image_start_token_id", "<|begin_of_image|>"), ("image_end_token_id", "<|end_of_image|>"),
+        ("video_start_token_id", "<|begin_of_video|>"), ("video_end_token_id", "<|end_of_video|>")]}
+    head_dim = hidden_size // 4
+    torch.manual_seed(seed)
+    config = Glm4vConfig(
+        vision_config={"depth": 1, "hidden_size": hidden_size // 2, "intermediate_size": hidden_size, "num_heads": 2,
+                       "patch_size": patch_size, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                       "out_hidden_size": hidden_size, "image_size": 32},
+        text_config=_text_config(tokenizer, hidden_size, num_layers, model_type="glm4v_text", head_dim=head_dim,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                  "partial_rotary_factor": 0.5,
+                                                  "mrope_section": [2, 1, 1]}),
+        tie_word_embeddings=False, **ids,
+    )
+    return _save(Glm4vForConditionalGeneration(config), processor, path, "GLM-4.1V")
+
+
+# google/gemma-4 instruction-tuned checkpoints: <|turn>role ... <turn|>, the assistant's role is "model", each image
+# is <|image|> in the text (the processor expands it to <|image> + soft tokens + <image|>).
+GEMMA4_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<|image|>' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] | trim }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<turn|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|turn>model\n' }}{% endif %}"
+)
+
+
+def build_tiny_gemma4(
+    path: str | Path, *, patch_size: int = 4, hidden_size: int = 64, num_layers: int = 2, vocab_size: int = 400,
+    max_soft_tokens: int = 70, seed: int = 0, extra_text: Iterable[str] = (),
+) -> Path:
+    """Write a tiny random Gemma 4 (its own vision encoder, ``embed_vision`` projector, Gemma 4 text) and its
+    processor to ``path``. Gemma4Processor's constructor takes (feature_extractor, image_processor, tokenizer,
+    video_processor): the audio feature extractor is saved, the video processor (torchvision) is left out. Each image
+    keeps its aspect ratio and becomes at most ``max_soft_tokens`` soft tokens (3x3-pooled ``patch_size`` patches;
+    70 is the smallest budget the image processor takes).
+    """
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4ImageProcessorPil, Gemma4Processor
+    from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
+
+    from adpo.processing import processor_class_without
+
+    path = Path(path)
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>", "<|image>", "<image|>", "<|image|>",
+                "<|audio>", "<audio|>", "<|audio|>", "<|video|>"]
+    tokenizer = _tokenizer(
+        specials, extra_text, vocab_size, pad_token="<pad>", eos_token="<turn|>", bos_token="<bos>", unk_token="<unk>",
+        extra_special_tokens={"boi_token": "<|image>", "eoi_token": "<image|>", "image_token": "<|image|>",
+                              "boa_token": "<|audio>", "eoa_token": "<audio|>", "audio_token": "<|audio|>"},
+    )
+    image_processor = Gemma4ImageProcessorPil(patch_size=patch_size, max_soft_tokens=max_soft_tokens,
+                                              pooling_kernel_size=3)
+    processor = processor_class_without(Gemma4Processor, ("video_processor",))(
+        feature_extractor=Gemma4AudioFeatureExtractor(), image_processor=image_processor, tokenizer=tokenizer,
+        chat_template=GEMMA4_CHAT_TEMPLATE, image_seq_length=max_soft_tokens,
+    )
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in [
+        ("boi_token_id", "<|image>"), ("eoi_token_id", "<image|>"), ("image_token_id", "<|image|>"),
+        ("video_token_id", "<|video|>"), ("boa_token_id", "<|audio>"), ("eoa_token_index", "<audio|>"),
+        ("audio_token_id", "<|audio|>")]}
+    head_dim = hidden_size // 4
+    torch.manual_seed(seed)
+    config = Gemma4Config(
+        text_config=_text_config(tokenizer, hidden_size, num_layers, model_type="gemma4_text", head_dim=head_dim,
+                                 global_head_dim=head_dim, sliding_window=64,
+                                 layer_types=["sliding_attention", "full_attention"][-num_layers:]
+                                 if num_layers <= 2 else None,
+                                 vocab_size_per_layer_input=len(tokenizer), hidden_size_per_layer_input=0),
+        vision_config={"hidden_size": hidden_size // 2, "intermediate_size": hidden_size, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": hidden_size // 4,
+                       "patch_size": patch_size, "pooling_kernel_size": 3, "position_embedding_size": 64},
+        audio_config=None, tie_word_embeddings=False, **ids,
+    )
+    return _save(Gemma4ForConditionalGeneration(config), processor, path, "Gemma 4")
+
+
 # Family name → builder. Names are what tests and the demo pass to build_tiny.
 BUILDERS: dict[str, Callable[..., Path]] = {
     "idefics3": build_tiny_idefics3,
@@ -669,6 +978,12 @@ BUILDERS: dict[str, Callable[..., Path]] = {
     "paligemma": build_tiny_paligemma,
     "qwen3_vl": build_tiny_qwen3_vl,
     "qwen3_5": build_tiny_qwen3_5,
+    "smolvlm": build_tiny_smolvlm,
+    "llava_onevision": build_tiny_llava_onevision,
+    "internvl": build_tiny_internvl,
+    "aya_vision": build_tiny_aya_vision,
+    "glm4v": build_tiny_glm4v,
+    "gemma4": build_tiny_gemma4,
 }
 FAMILIES: tuple[str, ...] = tuple(BUILDERS)
 
