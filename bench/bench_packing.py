@@ -16,11 +16,12 @@ Each comparison runs in its own process: one trainer (policy + frozen reference,
 step), a few collated batches, and the baseline and the new setting stepped on the same batches in turn (A B A B
 ...) after warm-up, so load from other processes on the machine hits both alike. A step is
 ``ADPOTrainer.training_step``: the reference's forward, the policy's forward and backward (collation and the
-optimizer are the same in both and left out). Reported: pairs/s, step memory (peak RSS during a step minus RSS
+optimizer are the same in both and left out). Reported: pairs/s (wall time), the same ratio on the process's CPU
+time (less sensitive to other load on a shared machine), step memory (peak RSS during a step minus RSS
 before it, the largest over the steps; glibc malloc set to return memory so RSS follows live memory), and the
 padding share of the padded batches' tokens. Run:
 
-    PYTHONPATH=src python bench/bench_packing.py [--threads 2] [--only packing dedup compile] [--json out.json]
+    PYTHONPATH=src python bench/bench_packing.py [--threads 1] [--only packing dedup compile] [--json out.json]
 """
 
 from __future__ import annotations
@@ -178,28 +179,31 @@ def run_comparison(name: str, folder: Path, args: argparse.Namespace) -> dict[st
             setattr(trainer.args, flag, setting)
         rss = PeakRSS()
         rss.start()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         trainer.training_step(run_model, dict(batch))
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         model.zero_grad(set_to_none=True)
-        return seconds, rss.stop() - rss.start_value
+        return seconds, cpu, rss.stop() - rss.start_value
 
     for setting in (base, new):  # warm-up (compilation, the fused head's first-call check, allocator)
         for _ in range(args.compile_warmup if flag == "torch_compile" and setting else 1):
             for batch in batches:
                 step(setting, batch)
     times: dict[str, list[float]] = {"base": [], "new": []}
+    cpus: dict[str, list[float]] = {"base": [], "new": []}
     mems: dict[str, list[int]] = {"base": [], "new": []}
     for _ in range(args.rounds):
         for batch in batches:
             for key, setting in (("base", base), ("new", new)):
-                seconds, mem = step(setting, batch)
+                seconds, cpu, mem = step(setting, batch)
                 times[key].append(seconds)
+                cpus[key].append(cpu)
                 mems[key].append(mem)
     out: dict[str, Any] = {"comparison": name, "flag": flag, "baseline": base, "new": new,
                            "pad_frac": sum(pad) / len(pad), "steps_each": len(times["base"])}
     for key in ("base", "new"):
         out[f"{key}_pairs_per_s"] = args.batch_size * len(times[key]) / sum(times[key])
+        out[f"{key}_pairs_per_cpu_s"] = args.batch_size * len(cpus[key]) / sum(cpus[key])
         out[f"{key}_step_mem_gb"] = max(mems[key]) / 1e9
     return out
 
@@ -223,7 +227,8 @@ def run_child(name: str, folder: Path, args: argparse.Namespace) -> dict[str, An
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", nargs="+", choices=list(GROUPS), default=list(GROUPS))
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: on a shared machine more threads than free cores stall each other)")
     parser.add_argument("--batch_size", type=int, default=4, help="pairs per step")
     parser.add_argument("--batches", type=int, default=3, help="different batches, each timed once per round")
     parser.add_argument("--rounds", type=int, default=2)
@@ -236,9 +241,9 @@ def main() -> None:
         print("RESULT " + json.dumps(run_comparison(args.child, args.folder, args)), flush=True)
         return
     results = []
-    print("| comparison | flag: baseline → new | baseline pairs/s | new pairs/s | speed ratio | baseline step mem GB "
-          "| new step mem GB | mem ratio | padding in the padded batches |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| comparison | flag: baseline → new | baseline pairs/s | new pairs/s | speed ratio | ratio on CPU time "
+          "| baseline step mem GB | new step mem GB | mem ratio | padding in the padded batches |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for group in args.only:
             for name in GROUPS[group]:
@@ -248,6 +253,7 @@ def main() -> None:
                 print(f"| {name} | `--{r['flag']}` {shown[r['baseline']]} → {shown[r['new']]} | "
                       f"{r['base_pairs_per_s']:.3f} | "
                       f"{r['new_pairs_per_s']:.3f} | **{r['new_pairs_per_s'] / r['base_pairs_per_s']:.2f}x** | "
+                      f"{r['new_pairs_per_cpu_s'] / r['base_pairs_per_cpu_s']:.2f}x | "
                       f"{r['base_step_mem_gb']:.3f} | {r['new_step_mem_gb']:.3f} | "
                       f"{r['new_step_mem_gb'] / max(r['base_step_mem_gb'], 1e-9):.2f}x | {r['pad_frac']:.1%} |",
                       flush=True)

@@ -16,7 +16,8 @@ from adpo.pipeline import build_trainer
 def test_torch_compile_trains_like_eager(tiny_llama: Path, tmp_path: Path) -> None:
     """Two optimizer steps, compiled and eager, from the same weights on the same batches: the logged losses and
     log-probs agree to 1e-5 and the trained weights to 1e-6 (inductor fuses and reorders fp32 sums; nothing
-    else differs)."""
+    else differs). Plain SGD, so weight differences are the gradients' times the learning rate (Adam's
+    normalisation would blow a 1e-7 difference in a near-zero gradient up to the learning rate)."""
     rows = [{"response": "This is a red apple.", "chosen": "Describe the red fruit " * k, "rejected": "Say."}
             for k in (1, 3, 2, 4)]
     data = tmp_path / "rows.jsonl"
@@ -27,7 +28,8 @@ def test_torch_compile_trains_like_eager(tiny_llama: Path, tmp_path: Path) -> No
         trainer, _ = build_trainer(
             ModelArguments(model_name_or_path=str(tiny_llama)), DataArguments(dataset_name=str(data)),
             ADPOConfig(output_dir=str(tmp_path / f"run{compiled}"), report_to=[], use_cpu=True, max_steps=2,
-                       per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=1, save_strategy="no",
+                       per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=1, optim="sgd",
+                       save_strategy="no",
                        torch_compile=compiled, seed=0, disable_tqdm=True))
         trainer.train()
         logs = [e for e in trainer.state.log_history if "loss" in e]

@@ -80,12 +80,14 @@ def _per_sequence(kernel: Any) -> Any:
         if query.shape[0] != 1 or query.shape[2] != bounds[-1]:
             raise RuntimeError(f"packed attention got a query of shape {tuple(query.shape)} for a packed row of "
                                f"{bounds[-1]} tokens")
+        sizes = [end - start for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+        # split, not indexing: its backward is one concatenation, not a zero-filled full-size tensor per sequence
+        pieces = zip(query.split(sizes, dim=2), key.split(sizes, dim=2), value.split(sizes, dim=2), strict=True)
         outs = []
-        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-            mask = None if attention_mask is None else attention_mask[..., start:end, start:end]
-            out, _ = kernel(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], mask,
-                            **kwargs)
-            outs.append(out)  # (1, n, H, D)
+        for start, (q, k, v) in zip(bounds, pieces, strict=False):
+            mask = None if attention_mask is None else attention_mask[..., start:start + q.shape[2],
+                                                                      start:start + q.shape[2]]
+            outs.append(kernel(module, q, k, v, mask, **kwargs)[0])  # (1, n, H, D)
         return torch.cat(outs, dim=1), None
 
     return attention
@@ -187,13 +189,16 @@ def _rope_positions(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.
     return positions
 
 
-def _needs_mask(config: Any) -> bool:
-    """Whether the language model's attention is more than causal: sliding windows, Gemma 3's bidirectional image
-    attention."""
+def _needs_mask(config: Any, longest: int) -> bool:
+    """Whether the language model's attention is more than causal for sequences of up to ``longest`` tokens: a
+    sliding window shorter than a sequence, bidirectional attention."""
     text = config.get_text_config()
-    if getattr(text, "sliding_window", None) or "sliding_attention" in (getattr(text, "layer_types", None) or ()):
+    window = getattr(text, "sliding_window", None)
+    if getattr(text, "use_sliding_window", True) is False:
+        window = None
+    if window and longest > window:
         return True
-    return getattr(config, "model_type", "") == "gemma3" or getattr(text, "use_bidirectional_attention", False)
+    return getattr(config, "model_type", "") == "gemma3" or bool(getattr(text, "use_bidirectional_attention", False))
 
 
 def use_packable_attention(model: nn.Module) -> None:
@@ -215,7 +220,8 @@ def packed_attention(model: nn.Module, batch: PackedBatch) -> Iterator[None]:
         yield
         return
     batch.inputs[BOUNDS_KWARG] = torch.tensor(batch.bounds)
-    token = _SKIP_MASK.set(not _needs_mask(base.config))
+    longest = max(end - start for start, end in zip(batch.bounds[:-1], batch.bounds[1:], strict=True))
+    token = _SKIP_MASK.set(not _needs_mask(base.config, longest))
     try:
         yield
     finally:
