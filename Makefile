@@ -1,4 +1,6 @@
 # Two commands for a fresh machine: `make demo` and `make test`. Both create .venv first.
+# `make test-fast`: the fast tier (unit + the core path's tiny-model tests, about a minute on 2 cores).
+# `make test-oldest`: the fast tier on the oldest versions pyproject.toml allows, in .venv-oldest.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -6,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test test-torchvision lint clean
+.PHONY: demo test test-fast test-oldest test-torchvision lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +24,25 @@ demo: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/ruff check src tests bench train_adpo_multimodal.py
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+
+test-fast: $(BIN)/.installed
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m "fast and not slow"
+
+# The lower bounds of pyproject.toml's dependencies, installed together. torch's bound (2.6) needs a CPU build of
+# that version where one is at hand: TORCH_OLDEST=torch==2.6.0; by default the pinned torch is used.
+TORCH_OLDEST ?= $(TORCH_PIN)
+OLDEST_PINS := "transformers==5.18.0" "accelerate==1.6.0" "peft==0.15.0" "datasets==4.7.0" "pillow==10.0.0" \
+	"pyyaml==6.0" "pytest>=8" "hypothesis>=6"
+OLDEST_VENV := .venv-oldest
+
+$(OLDEST_VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/pip install -q "$(TORCH_OLDEST)"
+	$(OLDEST_VENV)/bin/pip install -q -e . $(OLDEST_PINS) "$(TORCH_OLDEST)"
+	touch $@
+
+test-oldest: $(OLDEST_VENV)/.installed
+	HF_HUB_OFFLINE=1 $(OLDEST_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "fast and not slow"
 
 # A second environment with torchvision and timm (torch 2.14.1, whose torchvision imports on CPU; ~12 min, 5.8 GB):
 # the tests that need them (component table on Gemma 3n's timm tower, processors with real video processors).
@@ -42,4 +63,4 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests bench train_adpo_multimodal.py
 
 clean:
-	rm -rf $(VENV) $(TV_VENV) runs .pytest_cache
+	rm -rf $(VENV) $(OLDEST_VENV) $(TV_VENV) runs .pytest_cache

@@ -23,52 +23,14 @@ end; the time includes data loading, the reference forward, the policy forward/b
 Reported: pairs/s (= samples/s, a sample being one ADPO row = 2 sequences), tokens/s (non-pad tokens of the 2B
 policy sequences, image tokens included), peak GPU memory (torch.cuda.max_memory_allocated over the run), MFU.
 
-MFU (model FLOPs utilisation) = model FLOPs per step / step time / peak, peak = 989e12 bf16 dense FLOP/s (H100 SXM
-and H200 datasheet; ``--peak_tflops`` to override). Model FLOPs per step, from an analytic count on one collated
-batch (exact token counts of that batch; every batch is alike). For one forward over the 2B sequences:
-    vision_lin  = tiles · P · 2·W_vis          P patches per tile (729 SigLIP; 577 CLIP incl. CLS),
-                                               W_vis = Σ weight elements of the tower's Linear + Conv layers
-    vision_attn = tiles · 4·L_vis·H_vis·P²     scores + weighted sum, bidirectional
-    proj        = tiles · T_proj · 2·W_proj    T_proj tokens entering the projector per tile (81 / 576)
-    lm_lin      = Σ_rows n_i · 2·W_lm          n_i non-pad tokens of row i (text + image tokens),
-                                               W_lm = Σ Linear weight elements of the decoder layers
-    lm_attn     = Σ_rows 4·L·A·n_i²            A = heads·head_dim; the full n² (Megatron convention; causal
-                                               kernels do about half of it)
-    head        = N_resp · 2·V·H               LM head only at the N_resp positions that predict a response
-                                               token (adpo applies the head there only)
-    lora        = Σ_rows n_i · 2·Σ r·(d_in + d_out)  over the adapted layers (0 without LoRA)
-Backward costs 2x forward for a layer whose weights are trained (input gradient + weight gradient) and 1x for a
-frozen layer that gradients must cross (input gradient only); the attention-score products have no weights, so their
-backward is 2x forward whenever gradients cross them. Nothing before the first trained layer runs backward.
-    full fine-tune, frozen-copy reference:  4 · (vision_lin + vision_attn + proj + lm_lin + lm_attn + head)
-                                           (policy forward + backward = 3x, reference forward = 1x)
-    LoRA on the language model, reference = adapters off:
-        2·(vision_lin + vision_attn + proj) + 3·lm_lin + 4·lm_attn + 3·head + 3·lora
-        (vision and projector: policy + reference forward only; lm_lin: 2 forwards + input gradient; lm_attn:
-         2 forwards + 2x backward; head: 2 forwards + input gradient; lora: forward + input and weight gradients)
-HFU (hardware FLOPs utilisation) adds the recomputations: under gradient checkpointing one more forward of the
-checkpointed decoder layers (and, for full fine-tuning, of the vision encoder layers) in the trained path, and the
-fused LM head's recomputation of the policy's head in backward (+1·head). MFU excludes them.
+MFU, HFU and the FLOP count: ``bench/flops.py``.
 
 Run on one H200 (about 3 to 4 minutes for ``--model all``, model builds included):
     PYTHONPATH=src PYTHONUNBUFFERED=1 python3 bench/bench_gpu.py --model all --json bench_gpu.json
 Check the whole code path on a CPU in under two minutes (scaled-down configs, same processors and vocabularies):
     PYTHONPATH=src python bench/bench_gpu.py --tiny
 
-Config sources (values checked against public copies of the hub files; no download at run time):
-  * SmolVLM-Instruct (HuggingFaceTB/SmolVLM-Instruct config.json): Idefics3, scale_factor 3, image_token_id 49153,
-    SmolLM2-1.7B text (hidden 2048, 24 layers, 32 heads, 32 kv heads, head_dim 64, intermediate 8192, rope_theta
-    273768, vocab 49155, untied head), SigLIP vision (hidden 1152, 27 layers, 16 heads, intermediate 4304, patch 14,
-    image 384) -- as mirrored in a public Rust test ("Config shape mirrors the released
-    HuggingFaceTB/SmolVLM-Instruct config.json"). Processor: image_seq_len 81, size longest_edge 1536 (4 x 384),
-    max_image_size longest_edge 384, do_image_splitting true, mean/std 0.5 (preprocessor_config.json).
-  * llava-hf/llava-v1.6-mistral-7b-hf config.json: LlavaNext, image_grid_pinpoints [[336,672],[672,336],[672,672],
-    [1008,336],[336,1008]], image_token_index 32000, gelu projector, vision_feature_layer -2, select "default",
-    Mistral-7B-Instruct-v0.2 text (hidden 4096, 32 layers, 32 heads, 8 kv heads, intermediate 14336, rope_theta 1e6,
-    vocab 32064), CLIP ViT-L/14-336 vision (hidden 1024, 24 layers, 16 heads, intermediate 4096) -- as copied in
-    TensorRT-LLM's LLaVA-NeXT modeling test (LLAVA_NEXT_7B_CONFIG, whose comment gives 24 vision layers for the full
-    model) and transformers' LlavaNextConfig defaults. Processor: patch_size 14, num_additional_image_tokens 1,
-    CLIP mean/std, shortest_edge 336, chat template from the hub's chat_template.json.
+Architectures, processors and rows: ``bench/archs.py``.
 """
 
 from __future__ import annotations
@@ -90,297 +52,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
+
+# Run as a script, bench/ is on sys.path: its sibling modules import by name.
+from archs import (  # noqa: E402
+    build_model,
+    llava_processor,
+    llava_tokenizer,
+    load_config,
+    point_config_at_tokenizer,
+    smolvlm_processor,
+    smolvlm_tokenizer,
+    synthetic_rows,
+)
+from flops import FAMILIES, Arch, Family, Work, forward_flops, measure_arch, measure_work, step_flops  # noqa: E402
 from torch import nn
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 H100_H200_BF16_PEAK = 989e12  # dense bf16 FLOP/s, H100 SXM / H200 datasheet
 SEED_TABLE = {"smolvlm": 3.2, "llava": 2.4}  # samples/s on H100 at bs 4, from the seed README
-
-# SmolVLM-Instruct's chat template (Idefics3): "<|im_start|>User:<image>text<end_of_utterance>\nAssistant:".
-SMOLVLM_CHAT_TEMPLATE = (
-    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
-    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
-    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
-    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
-    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
-# llava-hf/llava-v1.6-mistral-7b-hf chat_template.json.
-LLAVA_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'system' %}"
-    "{{ '<<SYS>>\n' + message['content'][0]['text'] + '\n<</SYS>>\n\n' }}"
-    "{% elif message['role'] == 'user' %}{{ '[INST] ' }}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
-    "{{' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'][0]['text'] + '</s> '}}"
-    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
-)
-
-# ~30-token questions (chosen and rejected differ in one word) and ~40-token responses, as words the local BPE
-# learns whole.
-_QUESTION = ("Look closely at the {colour} {shape} near the {place} of this picture and tell me what kind of "
-             "object it is, how large it looks and where exactly it sits in the scene?")
-_RESPONSE = ("The object is a small round {fruit} with smooth shiny skin resting on a wooden table near the "
-             "{place} edge of the frame, and it looks fresh, ripe and ready to be eaten today by someone who "
-             "is hungry.")
-_WORDS = {
-    "colour": ["red", "green", "blue", "yellow"],
-    "shape": ["circle", "square", "star", "triangle"],
-    "place": ["left", "right", "top", "bottom"],
-    "fruit": ["apple", "orange", "plum", "pear"],
-}
-
 
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-
-# ---------------------------------------------------------------------------------------------------- configs
-def load_config(name: str, tiny: bool) -> Any:
-    """The architecture config from ``bench/configs/<name>.json`` (scaled down with ``tiny``)."""
-    from transformers import AutoConfig
-
-    raw = json.loads((CONFIG_DIR / f"{name}.json").read_text())
-    if tiny:
-        _shrink(raw)
-    return AutoConfig.for_model(raw.pop("model_type"), **raw)
-
-
-def _shrink(raw: dict[str, Any]) -> None:
-    """Few layers and narrow widths; image sizes, patch sizes and vocabularies stay real."""
-    raw["text_config"].update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                              num_key_value_heads=2, head_dim=16)
-    raw["vision_config"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-
-
-# ---------------------------------------------------------------------------------------------------- processors
-def corpus() -> list[str]:
-    """Every question and response the rows use, so the local BPE learns their words whole."""
-    rows = synthetic_rows(16, image_size=8)
-    return [r[k] for r in rows for k in ("chosen", "rejected", "response")]
-
-
-def local_tokenizer(specials: list[str], **tokens: Any) -> Any:
-    from transformers import PreTrainedTokenizerFast
-
-    from adpo.testing.tiny import train_tokenizer
-
-    return PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(specials, corpus(), vocab_size=1000), **tokens)
-
-
-def _pick(family: str, fast: str, pil: str, prefer_fast: bool) -> type:
-    """The torchvision-backed image processor where torchvision is installed (what AutoProcessor picks), else PIL.
-
-    The PIL class is imported from its module: transformers 5.17's lazy top-level name wrongly demands torchvision.
-    """
-    import importlib
-
-    import transformers
-    from transformers.utils import is_torchvision_available
-
-    if prefer_fast and is_torchvision_available():
-        return getattr(transformers, fast)
-    return getattr(importlib.import_module(f"transformers.models.{family}.image_processing_pil_{family}"), pil)
-
-
-def smolvlm_tokenizer() -> Any:
-    """A local BPE with SmolVLM-Instruct's special tokens."""
-    # The processor looks up these tokens when it is built; the real tokenizer spells <global-img> and the
-    # <row_i_col_j> tags in ordinary text tokens (a few more tokens per tile than here).
-    specials = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
-                "<global-img>"] + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
-    return local_tokenizer(specials, bos_token="<|im_start|>", eos_token="<end_of_utterance>",
-                           pad_token="<|endoftext|>", unk_token="<|endoftext|>", extra_special_tokens=specials[3:])
-
-
-def smolvlm_processor(split: bool, prefer_fast: bool = True, tokenizer: Any = None) -> Any:
-    """An Idefics3Processor configured like SmolVLM-Instruct's, with a local tokenizer."""
-    from transformers import Idefics3Processor
-
-    tokenizer = tokenizer or smolvlm_tokenizer()
-    image_processor = _pick("idefics3", "Idefics3ImageProcessor", "Idefics3ImageProcessorPil", prefer_fast)(
-        do_resize=True, size={"longest_edge": 4 * 384}, max_image_size={"longest_edge": 384},
-        do_image_splitting=split, image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=Image.Resampling.LANCZOS,
-    )
-    return Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=81,
-                             chat_template=SMOLVLM_CHAT_TEMPLATE)
-
-
-def llava_tokenizer() -> Any:
-    """A local BPE with llava-v1.6-mistral-7b-hf's special tokens."""
-    return local_tokenizer(["<unk>", "<s>", "</s>", "<image>"], bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                           pad_token="<unk>", extra_special_tokens=["<image>"])
-
-
-def llava_processor(grid_pinpoints: list[list[int]], prefer_fast: bool = True, tokenizer: Any = None) -> Any:
-    """A LlavaNextProcessor configured like llava-v1.6-mistral-7b-hf's, with a local tokenizer."""
-    from transformers import LlavaNextProcessor
-
-    tokenizer = tokenizer or llava_tokenizer()
-    image_processor = _pick("llava_next", "LlavaNextImageProcessor", "LlavaNextImageProcessorPil", prefer_fast)(
-        do_resize=True, size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
-        image_grid_pinpoints=grid_pinpoints, do_pad=True, resample=Image.Resampling.BICUBIC,
-        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
-    )
-    return LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
-                              vision_feature_select_strategy="default", chat_template=LLAVA_CHAT_TEMPLATE,
-                              image_token="<image>", num_additional_image_tokens=1)
-
-
-def point_config_at_tokenizer(config: Any, tokenizer: Any) -> None:
-    """Use the local tokenizer's special-token ids; the vocabulary size stays the real one."""
-    image_id = tokenizer.convert_tokens_to_ids("<image>")
-    if image_id >= config.text_config.vocab_size:
-        raise RuntimeError(f"<image> id {image_id} is outside the model's vocabulary ({config.text_config.vocab_size})")
-    config.image_token_id = image_id  # LLaVA's attribute_map routes this to image_token_index
-    for cfg in (config, config.text_config):
-        cfg.pad_token_id = tokenizer.pad_token_id
-        cfg.bos_token_id = tokenizer.bos_token_id
-        cfg.eos_token_id = tokenizer.eos_token_id
-
-
-# ---------------------------------------------------------------------------------------------------- data
-def synthetic_rows(n: int, image_size: int, seed: int = 0) -> list[dict[str, Any]]:
-    """``n`` ADPO rows: one response, two prompts differing in one colour word, one noise image per side."""
-    gen = torch.Generator().manual_seed(seed)
-    images = [_noise_image(image_size, gen) for _ in range(4)]
-    rows = []
-    for i in range(n):
-        pick = {k: v[(i + j) % len(v)] for j, (k, v) in enumerate(_WORDS.items())}
-        other = _WORDS["colour"][(i + 1) % len(_WORDS["colour"])]
-        rows.append({
-            "response": _RESPONSE.format(**pick),
-            "chosen": _QUESTION.format(**pick),
-            "rejected": _QUESTION.format(**{**pick, "colour": other}),
-            "chosen_images": [images[i % 4]],
-            "rejected_images": [images[(i + 1) % 4]],
-            "_adpo_row": i,
-        })
-    return rows
-
-
-def _noise_image(size: int, gen: torch.Generator) -> Image.Image:
-    pixels = torch.randint(0, 256, (size, size, 3), generator=gen, dtype=torch.uint8)
-    return Image.fromarray(pixels.numpy(), mode="RGB")
-
-
-# ---------------------------------------------------------------------------------------------------- FLOPs
-@dataclass
-class Arch:
-    """Weight elements and shapes that the FLOP count needs (measured on the model before LoRA)."""
-
-    vision_w: int
-    vision_layers: int
-    vision_width: int
-    patches_per_tile: int
-    proj_w: int
-    proj_tokens_per_tile: int
-    lm_w: int
-    lm_layers: int
-    lm_attn_width: int
-    head_w: int
-    lora_w: int = 0  # Σ r·(d_in + d_out) over LoRA-adapted layers
-
-
-@dataclass
-class Work:
-    """Token counts of one step's batch (2B sequences)."""
-
-    tiles: int
-    row_tokens: list[int]
-    response_tokens: int
-
-
-def matmul_weights(module: nn.Module) -> int:
-    """Σ weight elements of Linear and Conv layers: a forward costs 2x this per output position."""
-    return sum(m.weight.numel() for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
-
-
-def measure_arch(model: nn.Module, family: Family) -> Arch:
-    from adpo.modeling import COMPONENTS
-
-    def component(name: str) -> nn.Module:
-        names = dict(model.named_modules())
-        return names[next(p for p in COMPONENTS[name] if p in names)]
-
-    cfg = model.config
-    vision, text = cfg.vision_config, cfg.text_config
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    side = vision.image_size // vision.patch_size
-    return Arch(
-        vision_w=matmul_weights(component("vision_tower")),
-        vision_layers=vision.num_hidden_layers,
-        vision_width=vision.hidden_size,
-        patches_per_tile=side * side + family.cls_token,
-        proj_w=matmul_weights(component("mm_projector")),
-        proj_tokens_per_tile=family.proj_tokens(cfg, side),
-        lm_w=matmul_weights(component("language_model")),
-        lm_layers=text.num_hidden_layers,
-        lm_attn_width=text.num_attention_heads * head_dim,
-        head_w=model.get_output_embeddings().weight.numel(),
-    )
-
-
-def forward_flops(arch: Arch, work: Work) -> dict[str, float]:
-    """FLOPs of one forward over the batch, per part (see the module docstring)."""
-    tokens = sum(work.row_tokens)
-    return {
-        "vision_lin": work.tiles * arch.patches_per_tile * 2.0 * arch.vision_w,
-        "vision_attn": work.tiles * 4.0 * arch.vision_layers * arch.vision_width * arch.patches_per_tile**2,
-        "proj": work.tiles * arch.proj_tokens_per_tile * 2.0 * arch.proj_w,
-        "lm_lin": tokens * 2.0 * arch.lm_w,
-        "lm_attn": sum(4.0 * arch.lm_layers * arch.lm_attn_width * n * n for n in work.row_tokens),
-        "head": work.response_tokens * 2.0 * arch.head_w,
-        "lora": tokens * 2.0 * arch.lora_w,
-    }
-
-
-def step_flops(arch: Arch, work: Work, lora: bool, checkpointing: bool,
-               fused_head: bool = True) -> tuple[float, float]:
-    """(model FLOPs, hardware FLOPs) of one training step: policy forward + backward and reference forward.
-
-    Hardware FLOPs add the recomputations: checkpointed layers' forwards and, with adpo's fused LM head (the
-    default), the policy head's forward again in its backward."""
-    f = forward_flops(arch, work)
-    if lora:
-        model = (2 * (f["vision_lin"] + f["vision_attn"] + f["proj"]) + 3 * f["lm_lin"] + 4 * f["lm_attn"]
-                 + 3 * f["head"] + 3 * f["lora"])
-        recompute = f["lm_lin"] + f["lm_attn"] + f["lora"]
-    else:
-        model = 4 * sum(v for k, v in f.items() if k != "lora")
-        recompute = f["vision_lin"] + f["vision_attn"] + f["lm_lin"] + f["lm_attn"]
-    return model, model + (recompute if checkpointing else 0.0) + (f["head"] if fused_head else 0.0)
-
-
-def idefics3_tiles(batch: dict[str, torch.Tensor], config: Any) -> int:
-    """Tiles the vision tower sees: Idefics3 skips the all-zero padding tiles."""
-    pv = batch["pixel_values"]
-    per_tile = pv.shape[2:].numel()
-    return int(((pv == 0.0).flatten(2).sum(-1) != per_tile).sum())
-
-
-def llava_next_tiles(batch: dict[str, torch.Tensor], config: Any) -> int:
-    """Tiles the vision tower sees: LLaVA-NeXT drops the padding tiles past each image's anyres grid."""
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-    return sum(image_size_to_num_patches(tuple(size.tolist()), config.image_grid_pinpoints,
-                                         config.vision_config.image_size) for size in batch["image_sizes"])
-
-
-@dataclass
-class Family:
-    key: str
-    config_file: str
-    cls_token: int  # 1 when the vision tower prepends a class token (CLIP)
-    proj_tokens: Callable[[Any, int], int]
-    count_tiles: Callable[[dict[str, torch.Tensor], Any], int]
-
-
-FAMILIES = {
-    "smolvlm": Family("smolvlm", "smolvlm_instruct", 0, lambda cfg, side: side * side // cfg.scale_factor**2,
-                      idefics3_tiles),
-    "llava": Family("llava", "llava_v1.6_mistral_7b", 1, lambda cfg, side: side * side, llava_next_tiles),
-}
 
 
 # ---------------------------------------------------------------------------------------------------- timing
@@ -591,30 +283,6 @@ class RunSpec:
     image_size: int
 
 
-def build_model(config: Any, dtype: torch.dtype, device: Device, attn: str | None) -> nn.Module:
-    """Random weights, created directly on the device in ``dtype``."""
-    from transformers import AutoModelForImageTextToText
-
-    kwargs = {"attn_implementation": attn} if attn else {}
-    with torch.device(device.type):
-        model = AutoModelForImageTextToText.from_config(config, dtype=dtype, **kwargs)
-    return model
-
-
-def measure_work(collator: Any, rows: list[dict[str, Any]], family: Family, config: Any) -> tuple[Work, dict, float]:
-    """Collate one batch twice (the second call is timed); its token counts give the step's work."""
-    collator(rows)
-    t = time.perf_counter()
-    batch = collator(rows)
-    collate_s = time.perf_counter() - t
-    work = Work(
-        tiles=family.count_tiles(batch, config),
-        row_tokens=batch["attention_mask"].sum(1).tolist(),
-        response_tokens=int(batch["response_mask"].sum()),
-    )
-    return work, batch, collate_s
-
-
 def train_args(args: argparse.Namespace, out_dir: str, total_steps: int, device: Device) -> Any:
     from adpo import ADPOConfig
 
@@ -782,7 +450,7 @@ def _build(config: Any, family: Family, lora: bool, dtype: torch.dtype, device: 
     from adpo import ModelArguments
     from adpo.modeling import apply_lora, load_reference
 
-    model = build_model(config, dtype, device, args.attn)
+    model = build_model(config, dtype, device.type, args.attn)
     arch = measure_arch(model, family)
     model_args = ModelArguments(use_peft=lora)
     ref = load_reference(model_args, model)  # a frozen deep copy; None with LoRA (adapters off = reference)

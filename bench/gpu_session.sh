@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One device session on a GPU machine (H100/H200): every GPU measurement the README reports, in one go.
-# Wheels in .whl/ (carried) bring what the GPU image lacks: datasets, dill, multiprocess, trl, transformers==5.24.0.
-#   run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=600)
+# Every GPU measurement the README reports, in one go, on one H100/H200 (about 10 minutes), from the repo root:
+#   bash bench/gpu_session.sh [RESULTS_DIR]      (default gpu_results/: logs, bench_gpu.json, profiles)
+# Wheels placed in .whl/ are installed first, for a Python that lacks datasets, trl or transformers==5.24.0.
 set -uo pipefail
-OUT=${OUT:-/tmp/gpu_out}
+OUT=${1:-gpu_results}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -24,5 +24,5 @@ timeout 130 python3 bench/bench_trl.py --device cuda --models big --hidden_size 
     --refs live precomputed --steps 4 --warmup 2 --repeats 1 --batch_size 8 --threads 8 --workers 2 > "$OUT/bench_trl.log" 2>&1
 echo "exit $?"; tail -8 "$OUT/bench_trl.log"
 echo "=== scale-out checks (FSDP, FSDP+LoRA, DDP config) on one GPU"
-OUT="$OUT" timeout 100 bash tests/gpu/scaleout_check.sh > "$OUT/scaleout.log" 2>&1
+timeout 100 bash tests/gpu/scaleout_check.sh "$OUT/scaleout" > "$OUT/scaleout.log" 2>&1
 echo "exit $?"; grep -E "PASS|FAIL|losses" "$OUT/scaleout.log" | tail -10

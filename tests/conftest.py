@@ -51,3 +51,48 @@ def text_jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ] * 2
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+# ------------------------------------------------------------------------------------------------------ tiers
+# Every test gets one tier marker, assigned here (not in the test files) so the tiers stay in one place:
+#   unit         no model: pure functions, losses, metrics, configs, row checks with a hand-made tokenizer
+#   integration  tiny models built locally and loaded with from_pretrained (collator, trainer, CLI, families)
+#   equivalence  two ways of computing the same thing agree: distributed vs one process, resume vs no crash,
+#                reference modes, packed vs padded batches, each image encoded once vs every time
+#   regression   end-to-end behaviour pinned: ADPO learns, the demo's story, the shipped benchmark configs
+# `make test` runs every tier; `make test-fast` (marker `fast`) runs the unit tier and the tiny-model tests of one
+# batch's core path (collator -> log-probs -> evaluation), about a minute on 2 cores.
+MODULE_TIERS = {
+    "test_bench_configs": "regression",
+    "test_bench_flops": "integration",
+    "test_cli": "integration",
+    "test_contract": "integration",
+    "test_distributed": "equivalence",
+    "test_families": "integration",
+    "test_image_dedup": "equivalence",
+    "test_learning": "regression",
+    "test_logprobs": "integration",
+    "test_packing": "equivalence",
+    "test_reference": "equivalence",
+}
+MODEL_FIXTURES = {"tiny_idefics3", "tiny_llama", "tiny"}  # a test that uses one is at least integration
+TIERS = ("unit", "integration", "equivalence", "regression")
+FAST_INTEGRATION = {"test_collator", "test_logprobs", "test_evaluate"}
+
+
+def tier_of(module: str, name: str, fixtures: list[str]) -> str:
+    """A test's tier: its module's, else integration when it loads a tiny model, else unit."""
+    if "resume" in name:
+        return "equivalence"
+    if module in MODULE_TIERS:
+        return MODULE_TIERS[module]
+    return "integration" if MODEL_FIXTURES & set(fixtures) else "unit"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        tier = tier_of(module, item.name, getattr(item, "fixturenames", []))
+        item.add_marker(tier)
+        if tier == "unit" or (tier == "integration" and module in FAST_INTEGRATION):
+            item.add_marker("fast")

@@ -1,4 +1,4 @@
-"""The GPU benchmark's analytic FLOP count (bench/bench_gpu.py docstring) against torch's FLOP counter.
+"""The GPU benchmark's analytic FLOP count (bench/flops.py) against torch's FLOP counter.
 
 On the scaled-down configs, with eager attention so every product is a counted matmul: one forward through adpo's
 response_logps must cost exactly what ``forward_flops`` says (LLaVA-NeXT: within the class token's share of the
@@ -9,7 +9,6 @@ forward.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -21,32 +20,25 @@ from adpo import ADPOCollator, ModelArguments
 from adpo.logprobs import response_logps
 from adpo.modeling import apply_lora
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_gpu.py"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # the benchmark's modules, as it runs them
+import archs  # noqa: E402
+import flops  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_gpu", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-def tiny_setup(bench, key: str, lora: bool, image_size: int):
-    family = bench.FAMILIES[key]
-    config = bench.load_config(family.config_file, tiny=True)
-    processor = (bench.smolvlm_processor(split=False) if key == "smolvlm"
-                 else bench.llava_processor(config.image_grid_pinpoints))
-    bench.point_config_at_tokenizer(config, processor.tokenizer)
+def tiny_setup(key: str, lora: bool, image_size: int):
+    family = flops.FAMILIES[key]
+    config = archs.load_config(family.config_file, tiny=True)
+    processor = (archs.smolvlm_processor(split=False) if key == "smolvlm"
+                 else archs.llava_processor(config.image_grid_pinpoints))
+    archs.point_config_at_tokenizer(config, processor.tokenizer)
     torch.manual_seed(0)
-    model = bench.build_model(config, torch.float32, bench.Device(plan=False, peak_tflops=None), attn="eager")
-    arch = bench.measure_arch(model, family)
+    model = archs.build_model(config, torch.float32, "cpu", attn="eager")
+    arch = flops.measure_arch(model, family)
     if lora:
         model = apply_lora(model, ModelArguments(use_peft=True, lora_dropout=0.0))
         arch.lora_w = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     collator = ADPOCollator(processor, multimodal=True)
-    work, batch, _ = bench.measure_work(collator, bench.synthetic_rows(1, image_size), family, model.config)
+    work, batch, _ = flops.measure_work(collator, archs.synthetic_rows(1, image_size), family, model.config)
     batch = dict(batch)
     mask = batch.pop("response_mask")
     batch.pop("row_ids")
@@ -54,11 +46,11 @@ def tiny_setup(bench, key: str, lora: bool, image_size: int):
 
 
 def counted(model, batch, mask, backward: bool) -> int:
-    with torch.no_grad():  # the first call with a head checks the model (with its own head); count the next one
-        response_logps(model, model.get_output_embeddings(), batch, mask)
+    """FLOPs of one response_logps call with adpo's fused head, decided up front as the trainer does (left to
+    decide, the call would run one more forward to choose)."""
     with FlopCounterMode(display=False) as counter:
         with torch.set_grad_enabled(backward):
-            out = response_logps(model, model.get_output_embeddings(), batch, mask)
+            out = response_logps(model, model.get_output_embeddings(), batch, mask, fused=True)
             if backward:
                 out.sums.sum().backward()
     return counter.get_total_flops()
@@ -68,9 +60,9 @@ def counted(model, batch, mask, backward: bool) -> int:
     ("smolvlm", False, 384, 0.0),  # one 384 tile per side: every FLOP accounted for exactly
     ("llava", True, 336, 1e-4),  # anyres 1 x 2 grid + base = 3 tiles per side; the CLS position is not convolved
 ])
-def test_forward_flops_match_torch_flop_counter(bench, key, lora, image_size, tolerance):
-    model, arch, work, batch, mask = tiny_setup(bench, key, lora, image_size)
-    analytic = sum(bench.forward_flops(arch, work).values())
+def test_forward_flops_match_torch_flop_counter(key, lora, image_size, tolerance):
+    model, arch, work, batch, mask = tiny_setup(key, lora, image_size)
+    analytic = sum(flops.forward_flops(arch, work).values())
     assert counted(model, batch, mask, backward=False) == pytest.approx(analytic, rel=tolerance, abs=0)
 
 
@@ -81,15 +73,15 @@ def test_forward_flops_match_torch_flop_counter(bench, key, lora, image_size, to
     # With them on the text embeddings only (bench_gpu.py --input_grads text) the count is exact.
     (True, 1e-4),
 ])
-def test_lora_policy_forward_backward_flops_match_torch_flop_counter(bench, text_input_grads, tolerance):
+def test_lora_policy_forward_backward_flops_match_torch_flop_counter(text_input_grads, tolerance):
     """LoRA: frozen vision and projector run forward only; frozen Linear layers pass input gradients only."""
-    model, arch, work, batch, mask = tiny_setup(bench, "llava", lora=True, image_size=336)
+    model, arch, work, batch, mask = tiny_setup("llava", lora=True, image_size=336)
     if text_input_grads:
         model.get_input_embeddings().register_forward_hook(lambda module, inputs, out: out.requires_grad_(True))
-    f = bench.forward_flops(arch, work)
+    f = flops.forward_flops(arch, work)
     # Hardware FLOPs: the fused LM head recomputes the policy's head forward in backward (+1·head).
-    _, step = bench.step_flops(arch, work, lora=True, checkpointing=False)
-    model_only, _ = bench.step_flops(arch, work, lora=True, checkpointing=False, fused_head=False)
+    _, step = flops.step_flops(arch, work, lora=True, checkpointing=False)
+    model_only, _ = flops.step_flops(arch, work, lora=True, checkpointing=False, fused_head=False)
     assert step - model_only == f["head"] > 0
     policy = step - sum(v for k, v in f.items() if k != "lora")  # minus the reference forward
     assert counted(model, batch, mask, backward=True) == pytest.approx(policy, rel=tolerance, abs=0)

@@ -99,17 +99,3 @@ def test_max_image_size_shrinks_before_the_processor(tiny_idefics3):
     side = ADPOCollator(processor, multimodal=True, max_image_size=50).encode_side(
         {"response": "x", "chosen": "q", "chosen_images": [big]}, "chosen")
     assert side.images[0].size == (50, 50)
-
-
-def test_missing_image_is_an_error_naming_row_and_field(tiny_idefics3):
-    processor = AutoProcessor.from_pretrained(tiny_idefics3)
-    row = {"response": "x", "chosen": "q", "chosen_images": ["/nonexistent.png"], "rejected": "q",
-           "rejected_images": [draw_shape("circle", "red")], ROW_ID: 12}
-    with pytest.raises(ADPODataError, match="row 12, field 'chosen_images': image file not found"):
-        ADPOCollator(processor, multimodal=True)([row])
-
-
-def test_image_processor_kwargs_unknown_key(tiny_idefics3):
-    processor = AutoProcessor.from_pretrained(tiny_idefics3)
-    with pytest.raises(ValueError, match="does not take \\['sizee'\\]"):
-        ADPOCollator(processor, multimodal=True, image_processor_kwargs={"sizee": 3})

@@ -200,7 +200,6 @@ def test_eval_during_training_and_tensorboard(tiny_idefics3: Path, image_jsonl: 
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     evals = [h for h in history if "eval_logps/accuracies" in h]
     assert len(evals) == 1 and evals[0]["step"] == 2
-    assert 0 <= evals[0]["eval_rewards/accuracies"] <= 1
     events = list((out / "runs").rglob("events.out.tfevents.*"))  # transformers 5: OUTPUT_DIR/runs/<run name>/
     assert events
     tags = set()

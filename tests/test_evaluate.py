@@ -138,9 +138,6 @@ def test_adapter_reference_is_the_base_model(llama_adapter: Path, tiny_llama: Pa
     torch.testing.assert_close(torch.tensor([r["ref_logp_rejected"] for r in records]), base_r)
     torch.testing.assert_close(torch.tensor([r["logp_chosen"] for r in records]), policy_c)
     assert not torch.allclose(policy_c, base_c)  # the adapter changes the model
-    expected = [0.1 * ((r["logp_chosen"] - r["ref_logp_chosen"]) - (r["logp_rejected"] - r["ref_logp_rejected"]))
-                for r in records]
-    assert [r["reward_margin"] for r in records] == pytest.approx(expected)
 
 
 def test_cli_compare_writes_csv_json_and_plot(tiny_idefics3: Path, image_jsonl: Path, tmp_path: Path, capsys):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# GPU-only scale-out checks (CI has no GPU; FSDP does not shard on CPU). For the device machine, from the repo root,
-# with wheels in .whl/ for what its image lacks (datasets, dill, multiprocess, transformers==5.24.0):
-#   run(command="bash tests/gpu/scaleout_check.sh", carry=[".whl"], timeout_s=420)
+# GPU-only scale-out checks (CI has no GPU; FSDP does not shard on CPU), from the repo root on a machine with a GPU:
+#   bash tests/gpu/scaleout_check.sh [LOG_DIR]      (default scaleout_results/)
+# Wheels placed in .whl/ are installed first, for a Python that lacks datasets or transformers==5.24.0.
 # Checks, on one GPU with --bf16 and the tiny Idefics3: configs/fsdp.yaml trains with the frozen reference
 # (sharded by adpo.reference), step-1 loss is log 2, the consolidated output reloads with from_pretrained;
 # the same with LoRA (reference = adapters off); multi_gpu_config.yaml trains on the GPU.
@@ -11,7 +11,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD/src:${PYTHONPATH:-}" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-OUT=${OUT:-/tmp/scaleout_out}
+OUT=${1:-scaleout_results}
 W=$(mktemp -d)
 mkdir -p "$OUT"
 python3 - "$W" <<'EOF'
