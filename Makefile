@@ -38,7 +38,7 @@ OLDEST_VENV := .venv-oldest
 $(OLDEST_VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(OLDEST_VENV)
 	$(OLDEST_VENV)/bin/pip install -q "$(TORCH_OLDEST)"
-	$(OLDEST_VENV)/bin/pip install -q -e . $(OLDEST_PINS) "$(TORCH_OLDEST)"
+	$(OLDEST_VENV)/bin/pip install -q -e ".[plots]" $(OLDEST_PINS) "$(TORCH_OLDEST)"
 	touch $@
 
 test-oldest: $(OLDEST_VENV)/.installed
