@@ -127,7 +127,7 @@ def llama_adapter(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 def test_adapter_reference_is_the_base_model(llama_adapter: Path, tiny_llama: Path, text_jsonl: Path):
     loaded = load(llama_adapter)
-    assert loaded.adapter_reference and loaded.reference is None
+    assert loaded.adapter_reference and loaded.ref_model is None
     dataset = load_adpo_dataset(str(text_jsonl), max_samples=4)
     records = score_rows(loaded, dataset, **collators(loaded, False), batch_size=4)
     base = load(tiny_llama)

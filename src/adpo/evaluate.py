@@ -33,9 +33,10 @@ from tqdm.auto import tqdm
 from .collator import RESPONSE_MASK, ROW_IDS, ADPOCollator, collator_from_args
 from .config import LoadArguments, RowArguments
 from .data import ROW_ID, iter_batches, load_adpo_rows
-from .logprobs import choose_lm_head, response_logps
+from .logprobs import ResponseLogps, choose_lm_head, response_logps
 from .modeling import is_vision_model, load_model, load_processor_for
 from .preflight import check_model_source
+from .reference import LiveReference, Score
 from .validate import validate_dataset
 
 logger = logging.getLogger(__name__)
@@ -88,8 +89,15 @@ class LoadedModel:
 
     model: nn.Module
     processor: Any
-    reference: nn.Module | None  # a separate model, or None
+    ref_model: nn.Module | None = None  # a separate frozen reference model
     adapter_reference: bool = False  # the reference is the policy with its PEFT adapters disabled
+
+    @property
+    def reference(self) -> LiveReference | None:
+        """The reference behind the trainer's own interface (:mod:`adpo.reference`), or None without one."""
+        if self.ref_model is None and not self.adapter_reference:
+            return None
+        return LiveReference(self.ref_model)
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -131,47 +139,43 @@ def load_for_eval(args: LoadArguments, processor: Any | None = None) -> LoadedMo
     else:
         model = load_model(args)
         adapter_reference = False
-    reference = None
+    ref_model = None
     if args.ref_model_name_or_path is not None:
-        reference = load_model(replace(args, model_name_or_path=args.ref_model_name_or_path))
-    for m in (model, reference):
+        ref_model = load_model(replace(args, model_name_or_path=args.ref_model_name_or_path))
+    for m in (model, ref_model):
         if m is not None:
             m.eval()
-    return LoadedModel(model, processor, reference, adapter_reference)
+    return LoadedModel(model, processor, ref_model, adapter_reference)
 
 
 # ---------------------------------------------------------------------------------------------------- scoring
-@torch.no_grad()
-def pair_logps(
-    model: nn.Module, collator: ADPOCollator, rows: list[dict[str, Any]], device: torch.device,
-    heads: dict[int, bool] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) summed response log-probs, each (B,) fp32 on the CPU, for ``rows``.
-
-    ``heads``: the LM head chosen for each model (by ``id``), filled on its first batch
-    (:func:`adpo.logprobs.choose_lm_head`); without it every call chooses again."""
+def collate(collator: ADPOCollator, rows: list[dict[str, Any]], device: torch.device
+            ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """``rows`` as the trainer sees them: model inputs (2B, L) on ``device`` and the (2B, L) response mask."""
     batch = collator(rows)
     mask = batch.pop(RESPONSE_MASK).to(device)
     batch.pop(ROW_IDS)
-    inputs = {k: v.to(device) for k, v in batch.items()}
-    head = model.get_output_embeddings()
-    heads = {} if heads is None else heads
-    if id(model) not in heads:
-        heads[id(model)] = choose_lm_head(model, head, inputs, mask).fused
-    chosen, rejected = response_logps(model, head, inputs, mask, fused=heads[id(model)]).sums.cpu().chunk(2)
+    return {k: v.to(device) for k, v in batch.items()}, mask
+
+
+def scorer(heads: dict[int, bool]) -> Score:
+    """The trainer's scoring, ``(model, inputs, mask) → (R,)`` log-probs, with the LM head chosen once per model
+    on its first batch (:func:`adpo.logprobs.choose_lm_head`) and remembered in ``heads`` (by ``id``)."""
+
+    @torch.no_grad()
+    def score(model: nn.Module, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> ResponseLogps:
+        head = model.get_output_embeddings()
+        if id(model) not in heads:
+            heads[id(model)] = choose_lm_head(model, head, inputs, mask).fused
+        return response_logps(model, head, inputs, mask, fused=heads[id(model)])
+
+    return score
+
+
+def pair_logps(logps: ResponseLogps) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) summed response log-probs, each (B,) fp32 on the CPU, of a ``[chosen; rejected]`` batch."""
+    chosen, rejected = logps.sums.float().cpu().chunk(2)
     return chosen, rejected
-
-
-def reference_pair_logps(
-    loaded: LoadedModel, collator: ADPOCollator, rows: list[dict[str, Any]], device: torch.device,
-    heads: dict[int, bool] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    if loaded.reference is not None:
-        return pair_logps(loaded.reference, collator, rows, device, heads)
-    if loaded.adapter_reference:
-        with loaded.model.disable_adapter():
-            return pair_logps(loaded.model, collator, rows, device, heads)
-    return None
 
 
 def score_rows(
@@ -189,16 +193,20 @@ def score_rows(
     """One record per row: log-probs of both sides, rewards when there is a reference, and with ``text_collator``
     (the same rows without their images) the image-ablation log-probs."""
     device = device or torch.device("cpu")
-    for m in (loaded.model, loaded.reference):
+    for m in (loaded.model, loaded.ref_model):
         if m is not None:
             m.to(device)
     records: list[dict[str, Any]] = []
-    heads: dict[int, bool] = {}  # the LM head of each model, chosen on the first batch
+    score = scorer({})  # the LM head of each model, chosen on its first batch
     progress = tqdm(total=len(dataset), desc=desc, unit="pair")
     for rows in iter_batches(dataset, batch_size):
-        chosen, rejected = pair_logps(loaded.model, collator, rows, device, heads)
-        ref = reference_pair_logps(loaded, collator, rows, device, heads)
-        blind = pair_logps(loaded.model, text_collator, rows, device, heads) if text_collator else None
+        inputs, mask = collate(collator, rows, device)  # one batch for the policy and its reference
+        chosen, rejected = pair_logps(score(loaded.model, inputs, mask))
+        reference = loaded.reference
+        ref = None if reference is None else pair_logps(reference.logps(loaded.model, inputs, mask, score))
+        blind = None
+        if text_collator is not None:
+            blind = pair_logps(score(loaded.model, *collate(text_collator, rows, device)))
         for i, row in enumerate(rows):
             record: dict[str, Any] = {"row": row.get(ROW_ID, len(records))}
             record |= {g: row.get(g) for g in group_by or []}
