@@ -58,7 +58,7 @@ $(TV_VENV)/bin/.installed: pyproject.toml
 
 test-torchvision: $(TV_VENV)/bin/.installed
 	HF_HUB_OFFLINE=1 $(TV_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_families.py \
-		-k "components_resolve or reload_keeps or unavailable or errors_name or mistral3 or lfm2_vl"
+		-k "components_resolve or reload_keeps or unavailable or errors_name or mistral3 or lfm2_vl or llama4"
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests bench train_adpo_multimodal.py
