@@ -45,7 +45,8 @@ test-oldest: $(OLDEST_VENV)/.installed
 	HF_HUB_OFFLINE=1 $(OLDEST_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "fast and not slow"
 
 # A second environment with torchvision and timm (torch 2.14.1, whose torchvision imports on CPU; ~12 min, 5.8 GB):
-# the tests that need them (component table on Gemma 3n's timm tower, processors with real video processors).
+# the tests that need them (component table on Gemma 3n's timm tower, processors with real video processors, and
+# every per-family check of the families whose processors need torchvision: adpo.testing.tiny.TORCHVISION_FAMILIES).
 TV_VENV := .venv-torchvision
 TV_PIN := torch==2.14.1
 $(TV_VENV)/bin/.installed: pyproject.toml
@@ -57,7 +58,7 @@ $(TV_VENV)/bin/.installed: pyproject.toml
 
 test-torchvision: $(TV_VENV)/bin/.installed
 	HF_HUB_OFFLINE=1 $(TV_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_families.py \
-		-k "components_resolve or reload_keeps or unavailable or errors_name"
+		-k "components_resolve or reload_keeps or unavailable or errors_name or mistral3 or lfm2_vl or llama4"
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests bench train_adpo_multimodal.py

@@ -38,9 +38,26 @@ from adpo.modeling import (
 )
 from adpo.pipeline import build_trainer
 from adpo.synthetic import draw_shape, write_jsonl
-from adpo.testing.tiny import FAMILIES, build_tiny
+from adpo.testing.tiny import FAMILIES, TORCHVISION_FAMILIES, build_tiny
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _imports(module: str) -> bool:
+    try:
+        __import__(module)
+    except Exception:  # torchvision built for another torch fails with RuntimeError/OSError, not only ImportError
+        return False
+    return True
+
+
+_NEEDS_TORCHVISION = pytest.mark.skipif(
+    not (_imports("torchvision") and _imports("timm")),
+    reason="these families' processors (or Gemma 3n's timm tower) need torchvision + timm: make test-torchvision",
+)
+# The per-family checks (training, log-probs, checkpointing, save/reload, processor reload) run on every family;
+# the torchvision-only ones are skipped, with the reason above, where torchvision does not import.
+ALL_FAMILIES = [*FAMILIES, *(pytest.param(family, marks=_NEEDS_TORCHVISION) for family in TORCHVISION_FAMILIES)]
 
 
 def _image(shape: str, colour: str, width: int, height: int) -> Image.Image:
@@ -105,7 +122,7 @@ def _under(name: str, path: str) -> bool:
 
 # ---------------------------------------------------------------------------------------------- training via CLI
 @pytest.mark.slow
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_cli_full_training_step_changes_every_component(family: str, tiny: Any, mixed_jsonl: Path, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     """One full fine-tuning step through ``adpo.cli.main``: the loss is log 2 (the policy equals the reference), the
@@ -125,7 +142,7 @@ def test_cli_full_training_step_changes_every_component(family: str, tiny: Any, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_cli_lora_on_vision_tower_and_projector(family: str, tiny: Any, mixed_jsonl: Path, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """The seed's PEFT variant: LoRA on vision_tower,mm_projector with gradient checkpointing.
@@ -156,7 +173,7 @@ def test_cli_lora_on_vision_tower_and_projector(family: str, tiny: Any, mixed_js
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_cli_lora_all_linear(family: str, tiny: Any, mixed_jsonl: Path, tmp_path: Path,
                              capsys: pytest.CaptureFixture[str]) -> None:
     """--lora_target_modules all-linear: one step, loss log 2, and lora_B moved in the vision tower and the language
@@ -220,7 +237,7 @@ def _plain_response_logp(model: nn.Module, processor: Any, row: dict[str, Any], 
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused_head", "model_head"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_trainer_logps_equal_plain_forward(family: str, fused: bool, tiny: Any, mixed_jsonl: Path,
                                            tmp_path: Path) -> None:
     """The trainer's per-row log-probs (one padded forward over [chosen; rejected], LM head at response positions
@@ -293,7 +310,7 @@ def test_logit_softcapping_falls_back_to_the_models_head(tiny: Any, mixed_jsonl:
         choose_lm_head(model, model.get_output_embeddings(), batch, mask, "fused")
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_save_and_reload_give_identical_log_probs(family: str, tiny: Any, mixed_jsonl: Path, tmp_path: Path) -> None:
     """Train one step, save model + processor, reload both: same batch, bit-identical log-probs."""
     trainer, processor = build_trainer(
@@ -322,7 +339,7 @@ def test_save_and_reload_give_identical_log_probs(family: str, tiny: Any, mixed_
 
 # ------------------------------------------------------------------------------------------------ LoRA / freezing
 @pytest.mark.parametrize("use_reentrant", [False, True])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_lora_in_vision_tower_gets_gradients_with_checkpointing(family: str, use_reentrant: bool, tiny: Any,
                                                                  mixed_jsonl: Path, tmp_path: Path) -> None:
     """Every LoRA lora_B inside the vision tower (and the projector) gets a non-zero gradient from the ADPO loss
@@ -549,7 +566,7 @@ def _saved_processor(folder: Path) -> dict[str, Any]:
             "vocabulary": json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_processor_reload_keeps_every_setting(family: str, tiny: Any, tmp_path: Path) -> None:
     """The folder was written by the real processor class; load_processor then save_pretrained writes back every
     setting (processor and image processor exactly; the tokenizer's special tokens and vocabulary; the chat
@@ -577,6 +594,25 @@ def test_processor_reload_keeps_every_setting(family: str, tiny: Any, tmp_path: 
     for key, value in saved.items():  # the settings are live on the processor, not only written back
         if key != "processor_class" and not isinstance(value, dict):
             assert getattr(processor, key) == value, key
+
+
+@_NEEDS_TORCHVISION
+@pytest.mark.xfail(raises=AttributeError, strict=True,
+                   reason="transformers 5.24: Llama4ForConditionalGeneration.forward reads outputs.image_outputs, "
+                          "which its language model's output does not have")
+def test_llama4_forward_fails_inside_transformers(tiny: Any) -> None:
+    """Llama 4 is not among the tested families: with transformers 5.24 its model's forward pass fails before
+    returning (an upstream bug, not adpo's). Strict: once a transformers release fixes it this test fails, and
+    llama4 moves from BROKEN_UPSTREAM to TORCHVISION_FAMILIES. Its processor loads, with the real class."""
+    model, processor = load_model_and_processor(ModelArguments(model_name_or_path=str(tiny("llama4"))))
+    assert type(processor).__name__ == "Llama4Processor"
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                                                                         "text": "What is it?"}]}],
+                                         add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text], images=[[ROWS[0]["chosen_images"][0]]], return_tensors="pt")
+    assert inputs["pixel_values"].dtype == torch.bfloat16  # Llama 4's image processor returns bfloat16 pixels
+    with torch.no_grad():
+        model(**inputs.to(dtype=model.dtype))
 
 
 def test_unavailable_video_processor_keeps_its_settings(tiny: Any, tmp_path: Path) -> None:
