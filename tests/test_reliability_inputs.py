@@ -10,6 +10,7 @@ import gzip
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from adpo.collator import ADPOCollator
 from adpo.data import ROW_ID, ADPODataError, load_adpo_dataset, load_adpo_rows
 from adpo.preflight import check_model_source, check_output_dir_writable
 from adpo.synthetic import draw_shape
-from adpo.validate import check_row, validate_dataset
+from adpo.validate import check_row, validate_dataset, validate_splits
 
 ROW = {"response": "A red circle.", "chosen": "What is it?", "rejected": "Which is it?"}
 IMG = {"chosen_images": ["red.png"], "rejected_images": ["green.png"]}
@@ -228,6 +229,21 @@ def test_text_only_model_never_trains_on_pairs_that_differ_only_in_images(folder
         "rejected: the two sides differ only in their images, which this run does not use (the model takes no "
         "images, or --multimodal_mode false)": [0],
         "rejected: is the same as the chosen side (text and images)": [2]}
+
+
+def test_explicit_text_only_baseline_keeps_image_only_pairs_and_counts_them(folder, text_collator):
+    """--multimodal_mode false asks for a text-only baseline: pairs whose sides differ only in the withheld images
+    are kept and counted as carrying no signal; pairs identical in text and images are still refused."""
+    rows = [{**ROW, **IMG, "rejected": ROW["chosen"]}, {**ROW, **IMG}, {**ROW, "rejected": ROW["chosen"]}]
+    (folder / "rows.jsonl").write_text(jsonl(rows))
+    dataset = load_adpo_dataset(str(folder / "rows.jsonl"))
+    kept, report = validate_dataset(dataset, text_collator, on_bad_rows="skip", withheld_images_ok=True)
+    assert kept[ROW_ID] == [0, 1] and report.no_signal == [0]
+    assert report.skipped == {"rejected: is the same as the chosen side (text and images)": [2]}
+    for flag, expected in ((False, [0]), (None, [])):  # only an explicit false withholds images on request
+        args = SimpleNamespace(on_bad_rows="skip", max_length=None, max_response_length=None, multimodal_mode=flag)
+        _, _, reports = validate_splits(dataset, None, text_collator, args)
+        assert reports["train"].no_signal == expected
 
 
 def test_identical_sides_in_multimodal_mode(vl_collator):

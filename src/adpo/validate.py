@@ -37,6 +37,9 @@ class ValidationReport:
     total: int = 0
     kept: int = 0
     skipped: dict[str, list[int | None]] = field(default_factory=dict)
+    # Rows kept although their two sides are the same input: they differ only in images that an explicit
+    # --multimodal_mode false withholds (a text-only baseline). They carry no signal, so they are counted.
+    no_signal: list[int | None] = field(default_factory=list)
 
     @property
     def n_skipped(self) -> int:
@@ -67,17 +70,22 @@ def check_row(
     max_length: int | None = None,
     max_response_length: int | None = None,
     identical_sides_ok: bool = False,
-) -> None:
+    withheld_images_ok: bool = False,
+) -> bool:
     """Raise :class:`ADPODataError` (naming the row and field) if the row cannot be trained on as given.
 
     ``identical_sides_ok``: two sides that are the same input are fine (evaluation: they score a tie).
+    ``withheld_images_ok``: two sides that differ only in their images are fine when the images are withheld on
+    request (``--multimodal_mode false``: a text-only baseline, which by design cannot tell them apart).
+    Returns True for a pair kept although its two sides are the same input (it carries no signal).
     """
     row_id = row.get(ROW_ID)
     chosen = collator.encode_side(row, "chosen")
     rejected = collator.encode_side(row, "rejected")
     if chosen.response_ids != rejected.response_ids:
         raise ADPODataError(row_id, "response", "tokenises differently after the chosen and the rejected prompt")
-    if not identical_sides_ok and _same_side(chosen, rejected):
+    same = _same_side(chosen, rejected)
+    if same and not identical_sides_ok and not (withheld_images_ok and _differs_in_withheld_images(row, collator)):
         raise ADPODataError(row_id, "rejected", _identical_sides_problem(row, collator))
     sides = {"chosen": chosen, "rejected": rejected}
     if collator.multitask:  # the row's standard DPO pair is trained on too: its fields and prompt_images
@@ -92,12 +100,12 @@ def check_row(
             raise ADPODataError(row_id, "response" if name in ("chosen", "rejected") else name,
                                 f"too long: {n_response} tokens, over --max_response_length {max_response_length} "
                                 "(rows are never truncated)")
-    if max_length is None:
-        return
-    for name, n in zip(sides, pair_lengths(collator, list(sides.values()), list(sides), row_id), strict=True):
-        if n > max_length:
-            raise ADPODataError(row_id, name, f"too long: prompt + response is {n} tokens (image tokens "
-                                f"included), over --max_length {max_length} (rows are never truncated)")
+    if max_length is not None:
+        for name, n in zip(sides, pair_lengths(collator, list(sides.values()), list(sides), row_id), strict=True):
+            if n > max_length:
+                raise ADPODataError(row_id, name, f"too long: prompt + response is {n} tokens (image tokens "
+                                    f"included), over --max_length {max_length} (rows are never truncated)")
+    return same
 
 
 def _same_side(a: EncodedSide, b: EncodedSide) -> bool:
@@ -108,11 +116,16 @@ def _same_side(a: EncodedSide, b: EncodedSide) -> bool:
                for x, y in zip(a.images, b.images, strict=True))
 
 
+def _differs_in_withheld_images(row: dict[str, Any], collator: ADPOCollator) -> bool:
+    return not collator.multimodal and any(row.get(f) for f in IMAGE_FIELDS)
+
+
 def _identical_sides_problem(row: dict[str, Any], collator: ADPOCollator) -> str:
-    if not collator.multimodal and any(row.get(f) for f in IMAGE_FIELDS):
+    if _differs_in_withheld_images(row, collator):
         return ("the two sides differ only in their images, which this run does not use (the model takes no "
                 "images, or --multimodal_mode false): it would train on two identical inputs, which carry no "
-                "signal. Use a vision-language model, or leave such rows out (--on_bad_rows skip)")
+                "signal. Use a vision-language model, leave such rows out (--on_bad_rows skip), or for a "
+                "text-only baseline pass --multimodal_mode false explicitly")
     return "is the same as the chosen side (text and images): the pair carries no signal"
 
 
@@ -154,6 +167,7 @@ def validate_dataset(
     name: str = "train",
     unreadable: list[ADPODataError] | None = None,
     identical_sides_ok: bool = False,
+    withheld_images_ok: bool = False,
 ) -> tuple[Dataset | IterableDataset, ValidationReport]:
     """Check every row; return the rows to train on and a report.
 
@@ -163,12 +177,14 @@ def validate_dataset(
     twice, so its rows are checked as they stream (its report fills as training reads it).
 
     ``unreadable``: records the loader could not read (``adpo.data.LoadedRows.skipped``), counted in the report.
-    ``identical_sides_ok``: see :func:`check_row` (``adpo-eval`` scores such rows as ties).
+    ``identical_sides_ok``, ``withheld_images_ok``: see :func:`check_row` (``adpo-eval`` scores identical sides as
+    ties; a text-only baseline keeps pairs that differ only in the images it withholds, counted in
+    ``report.no_signal`` and logged).
     Errors in any split but ``train`` say which data they are in (e.g. ``evaluation data: row 3, ...``).
     """
     try:
         limits = {"max_length": max_length, "max_response_length": max_response_length,
-                  "identical_sides_ok": identical_sides_ok}
+                  "identical_sides_ok": identical_sides_ok, "withheld_images_ok": withheld_images_ok}
         return _validate(dataset, collator, on_bad_rows, limits, name, unreadable or [])
     except ADPODataError as err:
         context = SPLIT_CONTEXT.get(name)
@@ -209,6 +225,10 @@ def _validate(
     if report.n_skipped:
         logger.warning("%s", report.summary())
         dataset = dataset.select(kept)
+    if report.no_signal:
+        logger.warning("%s: %d of %d pairs differ only in their images, which --multimodal_mode false withholds: "
+                       "their two sides are the same input and carry no signal (as a text-only baseline expects)",
+                       name, len(report.no_signal), report.kept)
     return dataset, report
 
 
@@ -218,12 +238,14 @@ def _checked(
 ) -> ADPODataError | None:
     """None for a good row; a bad row raises (error mode) or is counted in ``report`` and its error returned."""
     try:
-        check_row(row, collator, **limits)
+        same = check_row(row, collator, **limits)
     except ADPODataError as err:
         if on_bad_rows == "error":
             raise
         report.add(err)
         return err
+    if same:
+        report.no_signal.append(row.get(ROW_ID))
     return None
 
 
@@ -274,7 +296,10 @@ def validate_splits(
 
     ``unreadable``: per split (``train``/``eval``), records the loader left out (counted in the reports)."""
     settings = {"on_bad_rows": data_args.on_bad_rows, "max_length": data_args.max_length,
-                "max_response_length": data_args.max_response_length}
+                "max_response_length": data_args.max_response_length,
+                # An explicit --multimodal_mode false asks for a text-only baseline: pairs whose sides differ only
+                # in the withheld images are expected there (counted and logged, never silently).
+                "withheld_images_ok": getattr(data_args, "multimodal_mode", None) is False}
     unreadable = unreadable or {}
     reports: dict[str, ValidationReport] = {}
     train, reports["train"] = validate_dataset(train, collator, name="train", unreadable=unreadable.get("train"),
