@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Model-family quirks, all keyed on what the processor returns (design.md §2). Every other processor output
+# Model-family quirks, all keyed on what the processor returns, never on a model's name. Every other processor output
 # (pixel_values, pixel_attention_mask, image_sizes, image_grid_thw, aspect_ratio_ids/mask, ...) is laid out per
 # image or per row and reaches the model unchanged, for all 2B rows at once.
 #

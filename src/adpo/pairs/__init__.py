@@ -5,7 +5,7 @@ beside it, or a ``save_to_disk`` folder), and returns a :class:`BuildReport` tha
 
     from adpo.pairs import swap
     report = swap("vqa.jsonl", "pairs.jsonl", strategy="same-prompt", negatives=2, seed=0)
-    print("\\n".join(report.lines()))
+    lines = report.lines()  # counts: rows built, used, without output (and why)
 """
 
 from __future__ import annotations

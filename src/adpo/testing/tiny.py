@@ -142,7 +142,7 @@ def build_tiny_idefics3(
     )
 
     path = Path(path)
-    # The processor looks these up when it is constructed (design.md §4).
+    # Idefics3's processor looks these tokens up when it is constructed: they must exist first.
     specials = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
                 "<global-img>"] + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
     tokenizer = PreTrainedTokenizerFast(
