@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -96,3 +97,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(tier)
         if tier == "unit" or (tier == "integration" and module in FAST_INTEGRATION):
             item.add_marker("fast")
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """``tiny(family)``: the folder of that family's tiny model (adpo.testing.tiny.build_tiny), built on first use
+    and shared by every test of the session."""
+    from adpo.testing.tiny import build_tiny
+
+    root = tmp_path_factory.mktemp("tiny_families")
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = build_tiny(family, root / family)
+        return built[family]
+
+    return get

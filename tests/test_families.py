@@ -84,19 +84,6 @@ ROWS = [
 ]
 
 
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """``tiny(family)``: the folder of that family's tiny model, built on first use."""
-    root = tmp_path_factory.mktemp("families")
-    built: dict[str, Path] = {}
-
-    def get(family: str) -> Path:
-        if family not in built:
-            built[family] = build_tiny(family, root / family)
-        return built[family]
-
-    return get
-
 
 @pytest.fixture(scope="session")
 def mixed_jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:

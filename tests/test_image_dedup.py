@@ -3,7 +3,6 @@ encoding every occurrence, per family."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +15,7 @@ from adpo.image_dedup import LAYOUTS, each_image_once, unique_items
 from adpo.logprobs import response_logps
 from adpo.modeling import load_model_and_processor
 from adpo.synthetic import draw_shape
-from adpo.testing.tiny import FAMILIES, build_tiny
+from adpo.testing.tiny import FAMILIES
 
 DEDUP = [f for f in FAMILIES if f in LAYOUTS]
 
@@ -35,18 +34,6 @@ ROWS = [
      "rejected": "Describe the pictures.", "rejected_images": [_image("square", "green", 24, 40)]},
 ]
 
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    root = tmp_path_factory.mktemp("dedup")
-    built: dict[str, Path] = {}
-
-    def get(family: str) -> Path:
-        if family not in built:
-            built[family] = build_tiny(family, root / family)
-        return built[family]
-
-    return get
 
 
 def _logps_and_grads(model: Any, batch: dict[str, torch.Tensor], mask: torch.Tensor,

@@ -17,7 +17,7 @@ from adpo.logprobs import response_logps
 from adpo.modeling import load_model_and_processor
 from adpo.packing import UNPACKABLE, pack, packed_forward, packing_blocker, padding_free_decision
 from adpo.synthetic import draw_shape
-from adpo.testing.tiny import FAMILIES, build_tiny
+from adpo.testing.tiny import FAMILIES
 
 PACKING = [f for f in FAMILIES if f not in UNPACKABLE]
 
@@ -36,18 +36,6 @@ ROWS = [
      "rejected": "Describe.", "rejected_images": [_image("blue", 32, 32)]},
 ]
 
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    root = tmp_path_factory.mktemp("packing")
-    built: dict[str, Path] = {}
-
-    def get(family: str) -> Path:
-        if family not in built:
-            built[family] = build_tiny(family, root / family)
-        return built[family]
-
-    return get
 
 
 def _load(path: Path) -> tuple[Any, Any]:
