@@ -34,7 +34,10 @@ from adpo.modeling import (
     component_paths,
     freeze_components,
     load_model_and_processor,
+    load_processor_for,
+    lora_adaptable,
     lora_targets,
+    not_lora_adaptable,
 )
 from adpo.pipeline import build_trainer
 from adpo.synthetic import draw_shape, write_jsonl
@@ -215,6 +218,7 @@ def _plain_response_logp(model: nn.Module, processor: Any, row: dict[str, Any], 
                            suffix=[row["response"]], return_tensors="pt")
         inputs.pop("labels")
         response_ids = [*tokenizer(row["response"], add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    inputs = inputs.to(dtype=model.dtype)  # floating tensors only: Llama 4's image processor gives bfloat16 pixels
     ids = inputs["input_ids"][0]
     n = len(response_ids)
     assert ids[-n:].tolist() == response_ids
@@ -355,27 +359,29 @@ def test_lora_in_vision_tower_gets_gradients_with_checkpointing(family: str, use
         assert not zero, f"{component}: no gradient reached {zero}"
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_lora_target_resolution(family: str, tiny: Any) -> None:
     """Default = the language model's Linear layers; all-linear = Linear layers only (no Conv patch embedding);
     component names map to the family's modules; an unknown name lists the valid ones."""
-    from peft import LoraConfig, get_peft_model
-
     model, _ = load_model_and_processor(ModelArguments(model_name_or_path=str(tiny(family))))
     language = component_path(model, "language_model")
     default = lora_targets(model, None)
     assert default and all(_under(n, language) for n in default)
-    assert {n for n, m in model.named_modules() if _under(n, language) and isinstance(m, nn.Linear)} == set(default)
+    assert {n for n, m in model.named_modules() if _under(n, language) and lora_adaptable(m)} == set(default)
     vision = lora_targets(model, "vision_tower")
     assert vision and all(_under(n, component_path(model, "vision_tower")) for n in vision)
     if family.startswith("qwen"):
         assert not any("merger" in n for n in vision)  # the merger is the projector, not the tower
     with pytest.raises(ValueError, match="vision_tower.*all-linear.*q_proj"):
         lora_targets(model, "vision_towr")
-    peft = get_peft_model(model, LoraConfig(r=2, target_modules=lora_targets(model, "all-linear")))
-    wrapped = [m for m in peft.modules() if hasattr(m, "lora_A")]
-    assert any(isinstance(m.base_layer, nn.Linear) for m in wrapped)
-    assert all(isinstance(m.base_layer, nn.Linear) for m in wrapped)
+    unadaptable = not_lora_adaptable(model)  # Llama 4's MoE routers
+    head = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
+    linear = {n for n, m in model.named_modules() if lora_adaptable(m)}
+    peft = apply_lora(model, ModelArguments(model_name_or_path="x", use_peft=True, lora_target_modules="all-linear"))
+    wrapped = {n.replace("base_model.model.", "", 1): m for n, m in peft.named_modules() if hasattr(m, "lora_A")}
+    assert wrapped and all(lora_adaptable(m.base_layer) for m in wrapped.values())
+    assert linear - set(wrapped) == {head}  # every Linear layer LoRA can wrap but the LM head
+    assert not set(wrapped) & set(unadaptable)
     assert not hasattr(peft.get_output_embeddings(), "lora_A")  # all-linear leaves the LM head alone
 
 
@@ -396,7 +402,7 @@ def test_lora_suffixes_and_projector_without_linear(tiny: Any) -> None:
                for n in trainable)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_freeze_components(family: str, tiny: Any) -> None:
     """--freeze_vision_tower / --freeze_mm_projector fix exactly those components' parameters."""
     model, _ = load_model_and_processor(ModelArguments(model_name_or_path=str(tiny(family))))
@@ -451,6 +457,9 @@ SIZE_KWARGS: dict[str, tuple[str, tuple[int, ...]]] = {
     "aya_vision": ('{"size": {"height": 24, "width": 24}}', (3, 24, 24)),
     "gemma4": ('{"max_soft_tokens": 140}', (1260, 48)),  # up to 140 soft tokens of 3x3 patches per image
     "gemma3": ('{"size": {"height": 48, "width": 48}, "do_rescale": true}', (3, 48, 48)),
+    "mistral3": ('{"size": {"longest_edge": 48}}', (3, 40, 48)),  # padded to the batch's largest image
+    "lfm2_vl": ('{"max_image_tokens": 16}', (64, 48)),  # up to 16 tokens of 2x2 patches per image
+    "llama4": ('{"size": {"height": 24, "width": 24}}', (3, 24, 24)),
     "paligemma": ('{"size": {"height": 48, "width": 48}, "do_rescale": true}', (3, 48, 48)),
 }
 
@@ -465,7 +474,7 @@ def _qwen_tokens_from_grid(batch: dict[str, torch.Tensor], images_per_row: list[
     return [int(tokens.sum()) for tokens in per_image]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_image_flags_change_what_the_model_receives(family: str, tiny: Any) -> None:
     _, processor = load_model_and_processor(ModelArguments(model_name_or_path=str(tiny(family))))
     rows = _rows()[:2]
@@ -507,7 +516,7 @@ def test_image_flags_change_what_the_model_receives(family: str, tiny: Any) -> N
         assert rescaled["pixel_values"].min() < 0 <= default["pixel_values"].min()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_bad_image_processor_kwargs_are_clear_errors(family: str, tiny: Any) -> None:
     _, processor = load_model_and_processor(ModelArguments(model_name_or_path=str(tiny(family))))
     with pytest.raises(ValueError, match=r"does not take \['sizee'\]; valid keys: .*'size'"):
@@ -584,22 +593,38 @@ def test_processor_reload_keeps_every_setting(family: str, tiny: Any, tmp_path: 
 
 
 @_NEEDS_TORCHVISION
-@pytest.mark.xfail(raises=AttributeError, strict=True,
-                   reason="transformers 5.24: Llama4ForConditionalGeneration.forward reads outputs.image_outputs, "
-                          "which its language model's output does not have")
-def test_llama4_forward_fails_inside_transformers(tiny: Any) -> None:
-    """Llama 4 is not among the tested families: with transformers 5.24 its model's forward pass fails before
-    returning (an upstream bug, not adpo's). Strict: once a transformers release fixes it this test fails, and
-    llama4 moves from BROKEN_UPSTREAM to TORCHVISION_FAMILIES. Its processor loads, with the real class."""
-    model, processor = load_model_and_processor(ModelArguments(model_name_or_path=str(tiny("llama4"))))
+def test_llama4_forward_is_repaired(tiny: Any) -> None:
+    """transformers 5.24's Llama4ForConditionalGeneration.forward raises AttributeError after computing the logits
+    (it reads ``image_outputs`` from its language model's output). adpo.compat repairs the loaded instance; the
+    repaired forward's logits equal the language model run on the merged embeddings by hand. Where a release has
+    fixed the bug, nothing is repaired and the plain forward gives the same logits."""
+    from transformers import AutoModelForImageTextToText
+
+    from adpo.compat import llama4_reads_missing_image_outputs, repair_model
+
+    folder = tiny("llama4")
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    processor = load_processor_for(ModelArguments(model_name_or_path=str(folder)))
     assert type(processor).__name__ == "Llama4Processor"
     text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
                                                                                          "text": "What is it?"}]}],
                                          add_generation_prompt=True, tokenize=False)
     inputs = processor(text=[text], images=[[ROWS[0]["chosen_images"][0]]], return_tensors="pt")
     assert inputs["pixel_values"].dtype == torch.bfloat16  # Llama 4's image processor returns bfloat16 pixels
+    inputs = inputs.to(dtype=model.dtype)
     with torch.no_grad():
-        model(**inputs.to(dtype=model.dtype))
+        features = model.multi_modal_projector(model.get_image_features(inputs["pixel_values"]).last_hidden_state
+                                               .flatten(0, -2))
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+        embeds = embeds.masked_scatter((inputs["input_ids"] == model.config.image_token_id)[..., None], features)
+        expected = model.language_model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"]).logits
+        if llama4_reads_missing_image_outputs(model):
+            with pytest.raises(AttributeError, match="image_outputs"):
+                model(**inputs)
+            assert len(repair_model(model)) == 1
+        else:
+            assert repair_model(model) == []
+        torch.testing.assert_close(model(**inputs).logits, expected, rtol=0, atol=0)
 
 
 def test_unavailable_video_processor_keeps_its_settings(tiny: Any, tmp_path: Path) -> None:

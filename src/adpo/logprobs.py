@@ -257,6 +257,26 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
+def in_model_dtype(inputs: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``inputs`` with every floating tensor of less than float32 precision in ``dtype``, the model's own.
+
+    Processors give float32 pixels, which the models cast themselves; one gives bfloat16 (Llama 4's image
+    processor), which a float32 model cannot take. Float32 inputs are left as they are."""
+    if not dtype.is_floating_point:
+        return inputs
+    return {key: value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point()
+            and value.dtype != dtype and torch.finfo(value.dtype).bits < 32 else value
+            for key, value in inputs.items()}
+
+
+def call_model(model: nn.Module, head: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
+    """``model(**inputs)`` without a KV cache, low-precision floating inputs in the dtype of ``head``'s weight."""
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        inputs = in_model_dtype(inputs, weight.dtype)
+    return model(**inputs, use_cache=False)
+
+
 @torch.no_grad()
 def returns_head_output(
     model: nn.Module, head: nn.Module, inputs: dict[str, torch.Tensor], response_mask: torch.Tensor,
@@ -272,7 +292,7 @@ def returns_head_output(
     handle = head.register_forward_hook(lambda module, args, out: raw.append(out))
     try:
         with lm_head_only_at(head, predictors):
-            logits = model(**inputs, use_cache=False).logits
+            logits = call_model(model, head, inputs).logits
     finally:
         handle.remove()
     return len(raw) == 1 and _same(raw[0], logits)
@@ -335,7 +355,7 @@ def response_logps(
     targets = inputs["input_ids"][response_mask]
     if fused:
         with fused_lm_head_at(head, predictors, targets, vocab_chunk) as produced:
-            per_token = model(**inputs, use_cache=False).logits
+            per_token = call_model(model, head, inputs).logits
         if len(produced) != 1 or per_token.shape != produced[0].shape:
             raise RuntimeError("The model called its LM head differently than when the head was chosen (the fused "
                                "head returned log-probs of shape "
@@ -343,7 +363,7 @@ def response_logps(
         per_token = per_token.float()
     else:
         with lm_head_only_at(head, predictors):
-            logits = model(**inputs, use_cache=False).logits  # (N, V)
+            logits = call_model(model, head, inputs).logits  # (N, V)
         per_token = token_logps(logits, targets)
     return _sums(per_token, response_mask, sequence_ids, num_sequences)
 

@@ -17,6 +17,7 @@ from transformers import (
 )
 from transformers.integrations import is_deepspeed_zero3_enabled
 
+from .compat import repair_model
 from .config import LoadArguments, ModelArguments
 from .processing import load_processor
 
@@ -93,7 +94,9 @@ def load_model(args: LoadArguments) -> PreTrainedModel:
         kwargs["attn_implementation"] = args.attn_implementation
     vision = is_vision_model(args.model_name_or_path, args.trust_remote_code)
     auto_class = AutoModelForImageTextToText if vision else AutoModelForCausalLM
-    return auto_class.from_pretrained(args.model_name_or_path, **kwargs)
+    model = auto_class.from_pretrained(args.model_name_or_path, **kwargs)
+    repair_model(model)  # adpo.compat: known bugs of the installed transformers, where they apply
+    return model
 
 
 def _require_model(args: LoadArguments) -> None:
@@ -154,12 +157,23 @@ def _under(name: str, path: str) -> bool:
     return name == path or name.startswith(path + ".")
 
 
+def lora_adaptable(module: nn.Module) -> bool:
+    """Whether LoRA can wrap ``module``: a ``torch.nn.Linear`` whose forward is Linear's own. A subclass with a
+    forward of its own returns something else (Llama 4's mixture-of-experts router returns a tuple of scores and
+    logits), which a LoRA layer cannot add its update to."""
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
+def not_lora_adaptable(model: nn.Module) -> list[str]:
+    """Names of the ``nn.Linear`` modules of ``model`` that LoRA cannot wrap (see :func:`lora_adaptable`)."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not lora_adaptable(m)]
+
+
 def resolve_components(model: nn.Module, names: list[str]) -> list[str]:
-    """Names of the ``nn.Linear`` modules inside the named components (see :data:`COMPONENTS`)."""
+    """Names of the Linear layers LoRA can wrap inside the named components (see :data:`COMPONENTS`)."""
     targets: list[str] = []
     for name in names:
-        targets.extend(n for n, m in component_modules(model, name).items()
-                       if isinstance(m, nn.Linear) and n not in targets)
+        targets.extend(n for n, m in component_modules(model, name).items() if lora_adaptable(m) and n not in targets)
     return targets
 
 
@@ -183,18 +197,21 @@ def lora_targets(model: nn.Module, spec: str | None) -> list[str] | str:
     """Turn ``--lora_target_modules`` into PEFT's ``target_modules``.
 
     Component names become the Linear layers inside them, ``all-linear`` passes through (PEFT then takes Linear
-    layers only, never a Conv patch embedding), anything else must be a module-name suffix present in the model.
+    layers only, never a Conv patch embedding; :func:`apply_lora` excludes those LoRA cannot wrap), anything else
+    must be a module-name suffix present in the model. Linear layers with a forward of their own are never
+    targets (:func:`lora_adaptable`).
     """
     names = _split(spec)
     if names == ["all-linear"]:
         return "all-linear"
     module_names = [n for n, _ in model.named_modules()]
+    unadaptable = set(not_lora_adaptable(model))
     components = [n for n in names if n in COMPONENTS]
     suffixes = [n for n in names if n not in COMPONENTS]
     for suffix in suffixes:
         if not any(m == suffix or m.endswith("." + suffix) for m in module_names):
             linear_suffixes = sorted({m.rsplit(".", 1)[-1] for m, mod in model.named_modules()
-                                      if isinstance(mod, nn.Linear)})
+                                      if lora_adaptable(mod)})
             raise ValueError(
                 f"--lora_target_modules: {suffix!r} matches no module of {type(model).__name__}. Valid: "
                 f"components {', '.join(c for c in COMPONENTS if component_path(model, c))}; all-linear; "
@@ -202,7 +219,12 @@ def lora_targets(model: nn.Module, spec: str | None) -> list[str] | str:
             )
     targets = resolve_components(model, components)
     for suffix in suffixes:
-        targets.extend(m for m in module_names if (m == suffix or m.endswith("." + suffix)) and m not in targets)
+        matches = [m for m in module_names if m == suffix or m.endswith("." + suffix)]
+        if all(m in unadaptable for m in matches):
+            raise ValueError(f"--lora_target_modules: {suffix!r} names only Linear layers with a forward of their own "
+                             f"({type(model.get_submodule(matches[0])).__name__}, e.g. {matches[0]}): LoRA cannot "
+                             "wrap them; target the layers around them instead.")
+        targets.extend(m for m in matches if m not in targets and m not in unadaptable)
     return targets
 
 
@@ -251,11 +273,17 @@ def apply_lora(model: PreTrainedModel, args: ModelArguments) -> nn.Module:
         raise ValueError(f"--lora_target_modules {args.lora_target_modules!r} selects no layer LoRA can adapt"
                          + (f" ({', '.join(to_save)} has no Linear layer)" if to_save else "")
                          + "; add another component, e.g. language_model.")
+    # "all-linear" is PEFT's: it would also take Linear subclasses LoRA cannot wrap (Llama 4's MoE router).
+    exclude = not_lora_adaptable(model) if targets == "all-linear" else []
+    if exclude:
+        logger.info("LoRA all-linear: leaving out %d Linear layers with a forward of their own (%s)", len(exclude),
+                    type(model.get_submodule(exclude[0])).__name__)
     config = LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
         target_modules=targets,
+        exclude_modules=exclude or None,
         modules_to_save=to_save or None,
         task_type="CAUSAL_LM",
     )

@@ -1138,11 +1138,8 @@ BUILDERS: dict[str, Callable[..., Path]] = {
 }
 # Families whose processor only exists with torchvision installed (transformers imports it in their processing or
 # image-processing module), or whose vision tower needs timm: built and tested only where those import.
-TORCHVISION_FAMILIES: tuple[str, ...] = ("mistral3", "lfm2_vl")
-# Built (torchvision needed too), but the model's forward pass fails inside transformers 5.24
-# (Llama4ForConditionalGeneration reads an output field its language model does not return): in no family list.
-BROKEN_UPSTREAM: tuple[str, ...] = ("llama4",)
-FAMILIES: tuple[str, ...] = tuple(name for name in BUILDERS if name not in TORCHVISION_FAMILIES + BROKEN_UPSTREAM)
+TORCHVISION_FAMILIES: tuple[str, ...] = ("mistral3", "lfm2_vl", "llama4")
+FAMILIES: tuple[str, ...] = tuple(name for name in BUILDERS if name not in TORCHVISION_FAMILIES)
 
 
 def build_tiny(family: str, path: str | Path, **kwargs: Any) -> Path:
