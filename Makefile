@@ -46,19 +46,20 @@ test-oldest: $(OLDEST_VENV)/.installed
 
 # A second environment with torchvision and timm (torch 2.14.1, whose torchvision imports on CPU; ~12 min, 5.8 GB):
 # the tests that need them (component table on Gemma 3n's timm tower, processors with real video processors, and
-# every per-family check of the families whose processors need torchvision: adpo.testing.tiny.TORCHVISION_FAMILIES).
+# every per-family check of the families whose processors need torchvision or whose tower needs timm:
+# adpo.testing.tiny.TORCHVISION_FAMILIES).
 TV_VENV := .venv-torchvision
 TV_PIN := torch==2.14.1
 $(TV_VENV)/bin/.installed: pyproject.toml
 	$(PYTHON) -m venv $(TV_VENV)
 	$(TV_VENV)/bin/pip install -q --upgrade pip
 	$(TV_VENV)/bin/pip install -q "$(TV_PIN)" torchvision==0.29.1
-	$(TV_VENV)/bin/pip install -q -e ".[dev]" timm "$(TV_PIN)"
+	$(TV_VENV)/bin/pip install -q -e ".[dev]" timm==1.0.31 "$(TV_PIN)"
 	touch $@
 
 test-torchvision: $(TV_VENV)/bin/.installed
 	HF_HUB_OFFLINE=1 $(TV_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_families.py \
-		-k "components_resolve or reload_keeps or unavailable or errors_name or mistral3 or lfm2_vl or llama4"
+		-k "components_resolve or reload_keeps or unavailable or errors_name or mistral3 or lfm2_vl or llama4 or gemma3n"
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests bench train_adpo_multimodal.py

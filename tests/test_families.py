@@ -36,6 +36,7 @@ from adpo.modeling import (
     load_model_and_processor,
     load_processor_for,
     lora_adaptable,
+    lora_adaptable_conv,
     lora_targets,
     not_lora_adaptable,
 )
@@ -137,7 +138,8 @@ def test_cli_lora_on_vision_tower_and_projector(family: str, tiny: Any, mixed_js
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """The seed's PEFT variant: LoRA on vision_tower,mm_projector with gradient checkpointing.
 
-    The adapter config selects Linear layers inside the vision tower (never the Conv patch embedding) and keeps
+    The adapter config selects Linear layers inside the vision tower (never the Conv patch embedding; in a
+    convolutional tower its ungrouped convolutions) and keeps
     --lora_dropout; after one step every lora_B inside the vision tower is non-zero, which Adam only does for
     parameters that received a gradient (lora_B starts at zero).
     """
@@ -154,7 +156,10 @@ def test_cli_lora_on_vision_tower_and_projector(family: str, tiny: Any, mixed_js
     vision = component_path(base, "vision_tower")
     selected = {n: m for n, m in base.named_modules() if check_target_module_exists(config, n)}
     assert any(_under(n, vision) for n in selected)
-    assert all(isinstance(m, nn.Linear) for m in selected.values())
+    # Linear layers; in a tower without any (Gemma 3n's MobileNetV5), its ungrouped convolutions
+    conv_tower = not any(isinstance(m, nn.Linear) for m in component_modules(base, "vision_tower").values())
+    assert all(isinstance(m, nn.Linear) or (conv_tower and _under(n, vision) and lora_adaptable_conv(m))
+               for n, m in selected.items())
     assert not any(_under(n, component_path(base, "language_model")) for n in selected)
     weights = load_file(tmp_path / "adapter_model.safetensors")
     vision_b = {k: v for k, v in weights.items() if "lora_B" in k and f"{vision}." in k
@@ -167,7 +172,8 @@ def test_cli_lora_on_vision_tower_and_projector(family: str, tiny: Any, mixed_js
 def test_cli_lora_all_linear(family: str, tiny: Any, mixed_jsonl: Path, tmp_path: Path,
                              capsys: pytest.CaptureFixture[str]) -> None:
     """--lora_target_modules all-linear: one step, loss log 2, and lora_B moved in the vision tower and the language
-    model (every Linear layer of the model is adapted, the LM head excepted)."""
+    model (every Linear layer of the model is adapted, the LM head excepted; a tower without Linear layers, Gemma
+    3n's, gets none)."""
     args = _cli_args(tiny(family), mixed_jsonl, tmp_path, "--use_peft", "--lora_target_modules", "all-linear")
     assert main(args) == 0
     assert f"final train loss {math.log(2):.4f}" in capsys.readouterr().out
@@ -175,7 +181,8 @@ def test_cli_lora_all_linear(family: str, tiny: Any, mixed_jsonl: Path, tmp_path
     moved = {k for k, v in load_file(tmp_path / "adapter_model.safetensors").items()
              if "lora_B" in k and v.abs().sum() > 0}
     for component in ("vision_tower", "language_model"):
-        assert any(f"{component_path(base, component)}." in k for k in moved), component
+        adapted = any(f"{component_path(base, component)}." in k for k in moved)
+        assert adapted == any(isinstance(m, nn.Linear) for m in component_modules(base, component).values())
 
 
 @pytest.mark.slow
@@ -227,13 +234,14 @@ def _plain_response_logp(model: nn.Module, processor: Any, row: dict[str, Any], 
     return torch.log_softmax(logits, dim=-1).gather(-1, ids[-n:, None]).sum()
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused_head", "model_head"])
+@pytest.mark.parametrize("head", ["auto", "model"], ids=["fused_head", "model_head"])
 @pytest.mark.parametrize("family", ALL_FAMILIES)
-def test_trainer_logps_equal_plain_forward(family: str, fused: bool, tiny: Any, mixed_jsonl: Path,
+def test_trainer_logps_equal_plain_forward(family: str, head: str, tiny: Any, mixed_jsonl: Path,
                                            tmp_path: Path) -> None:
     """The trainer's per-row log-probs (one padded forward over [chosen; rejected], LM head at response positions
     only) equal a plain forward pass per example, for rows of different lengths and image counts, with adpo's
-    vocabulary-chunked head (``--fused_lm_head``, the default) and with the model's own head.
+    vocabulary-chunked head (``--fused_lm_head auto``, the default: fused unless the model soft-caps its logits,
+    as Gemma 3n does) and with the model's own head.
 
     Tolerance: the per-token means agree to 1e-5 outright. The sums reach ~150, where one fp32 ulp is 1.5e-5 and
     a batched forward (other matmul shapes, padding) legitimately differs by a few ulps, so they get 1e-5
@@ -241,7 +249,7 @@ def test_trainer_logps_equal_plain_forward(family: str, fused: bool, tiny: Any, 
     """
     trainer, processor = build_trainer(
         ModelArguments(model_name_or_path=str(tiny(family))), DataArguments(dataset_name=str(mixed_jsonl)),
-        ADPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, fused_lm_head=fused),
+        ADPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, fused_lm_head=head),
     )
     batch = trainer.data_collator(_rows())
     lengths = batch["attention_mask"].sum(1)
@@ -259,7 +267,8 @@ def test_trainer_logps_equal_plain_forward(family: str, fused: bool, tiny: Any, 
         trainer_logps = torch.cat([metrics["logps/chosen"], metrics["logps/rejected"]])
         torch.testing.assert_close(trainer_logps / counts, plain / counts, atol=1e-5, rtol=0, msg=f"call {call}")
         torch.testing.assert_close(trainer_logps, plain, atol=1e-5, rtol=1e-6, msg=f"call {call}")
-    assert trainer.lm_head["policy"].fused is fused
+    softcapped = getattr(trainer.model.config.get_text_config(), "final_logit_softcapping", None) is not None
+    assert trainer.lm_head["policy"].fused is (head == "auto" and not softcapped)
 
 
 def test_paligemma_response_is_the_causal_suffix(tiny: Any) -> None:
@@ -460,6 +469,7 @@ SIZE_KWARGS: dict[str, tuple[str, tuple[int, ...]]] = {
     "mistral3": ('{"size": {"longest_edge": 48}}', (3, 40, 48)),  # padded to the batch's largest image
     "lfm2_vl": ('{"max_image_tokens": 16}', (64, 48)),  # up to 16 tokens of 2x2 patches per image
     "llama4": ('{"size": {"height": 24, "width": 24}}', (3, 24, 24)),
+    "gemma3n": ('{"size": {"height": 48, "width": 48}}', (3, 48, 48)),
     "paligemma": ('{"size": {"height": 48, "width": 48}, "do_rescale": true}', (3, 48, 48)),
 }
 

@@ -164,16 +164,34 @@ def lora_adaptable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
 
+def lora_adaptable_conv(module: nn.Module) -> bool:
+    """Whether LoRA can wrap ``module`` as a convolution: a plain ``torch.nn.Conv2d`` (its own forward, not timm's
+    dynamically padded subclass) over all channels (``groups == 1``; a depthwise convolution has no low-rank
+    update PEFT can add)."""
+    return isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward and module.groups == 1
+
+
 def not_lora_adaptable(model: nn.Module) -> list[str]:
     """Names of the ``nn.Linear`` modules of ``model`` that LoRA cannot wrap (see :func:`lora_adaptable`)."""
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not lora_adaptable(m)]
 
 
+def component_lora_layers(model: nn.Module, name: str) -> list[str]:
+    """The layers LoRA adapts in component ``name``: its Linear layers (:func:`lora_adaptable`; a ViT's Conv patch
+    embedding is left alone), or, in a convolutional component without any (Gemma 3n's MobileNetV5 tower), its
+    ungrouped convolutions (:func:`lora_adaptable_conv`). Empty when it has neither (Gemma 3's projector)."""
+    modules = component_modules(model, name)
+    linear = [n for n, m in modules.items() if lora_adaptable(m)]
+    if linear or any(isinstance(m, nn.Linear) for m in modules.values()):
+        return linear
+    return [n for n, m in modules.items() if lora_adaptable_conv(m)]
+
+
 def resolve_components(model: nn.Module, names: list[str]) -> list[str]:
-    """Names of the Linear layers LoRA can wrap inside the named components (see :data:`COMPONENTS`)."""
+    """Names of the layers LoRA adapts inside the named components (:func:`component_lora_layers`)."""
     targets: list[str] = []
     for name in names:
-        targets.extend(n for n, m in component_modules(model, name).items() if lora_adaptable(m) and n not in targets)
+        targets.extend(n for n in component_lora_layers(model, name) if n not in targets)
     return targets
 
 
@@ -229,9 +247,8 @@ def lora_targets(model: nn.Module, spec: str | None) -> list[str] | str:
 
 
 def lora_modules_to_save(model: nn.Module, spec: str | None) -> list[str]:
-    """Named components with no Linear layer for LoRA (Gemma 3's projector): PEFT trains and saves them whole."""
-    return [path for name in _split(spec) if name in COMPONENTS
-            and not any(isinstance(m, nn.Linear) for m in component_modules(model, name).values())
+    """Named components with no layer for LoRA (Gemma 3's projector): PEFT trains and saves them whole."""
+    return [path for name in _split(spec) if name in COMPONENTS and not component_lora_layers(model, name)
             for path in component_paths(model, name)]
 
 
@@ -275,6 +292,13 @@ def apply_lora(model: PreTrainedModel, args: ModelArguments) -> nn.Module:
                          + "; add another component, e.g. language_model.")
     # "all-linear" is PEFT's: it would also take Linear subclasses LoRA cannot wrap (Llama 4's MoE router).
     exclude = not_lora_adaptable(model) if targets == "all-linear" else []
+    if targets == "all-linear":
+        for name in COMPONENTS:
+            if component_path(model, name) and not any(isinstance(m, nn.Linear)
+                                                       for m in component_modules(model, name).values()):
+                logger.warning("LoRA all-linear: the %s (%s) has no Linear layer and gets no adapter; name it in "
+                               "--lora_target_modules to adapt its convolutions or train it whole", name,
+                               component_path(model, name))
     if exclude:
         logger.info("LoRA all-linear: leaving out %d Linear layers with a forward of their own (%s)", len(exclude),
                     type(model.get_submodule(exclude[0])).__name__)

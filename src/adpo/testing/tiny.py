@@ -1114,6 +1114,72 @@ def build_tiny_llama4(
     return _save(Llama4ForConditionalGeneration(config), processor, path, "Llama 4")
 
 
+# google/gemma-3n-E4B-it: as Gemma 3, each image as <image_soft_token> (the processor expands it to
+# "\n\n<start_of_image>" + soft tokens + "<end_of_image>\n\n").
+GEMMA3N_CHAT_TEMPLATE = GEMMA3_CHAT_TEMPLATE.replace("'<start_of_image>'", "'<image_soft_token>'")
+
+
+def build_tiny_gemma3n(
+    path: str | Path, *, image_size: int = 64, hidden_size: int = 64, num_layers: int = 2, vocab_size: int = 400,
+    soft_tokens_side: int = 4, channel_multiplier: float = 0.0625, seed: int = 0, extra_text: Iterable[str] = (),
+) -> Path:
+    """Write a tiny random Gemma 3n (timm MobileNetV5 tower with its multi-scale fusion adapter, the vision and
+    audio embedders, Gemma 3n text with AltUp, LAuReL and per-layer inputs, a small audio conformer) and its
+    processor to ``path``. As in the real checkpoint, the tokenizer ends with the vision tokens (``<end_of_image>``,
+    ``<image_soft_token>``) and then the audio tokens, which the model embeds with their own embedders. Each image
+    is resized to ``image_size`` pixels square and fused to ``soft_tokens_side ** 2`` soft tokens. The tower keeps
+    the real block layout at ``channel_multiplier`` of its channels (7.3M parameters). Needs timm (and so
+    torchvision)."""
+    from transformers import (
+        Gemma3nAudioFeatureExtractor,
+        Gemma3nConfig,
+        Gemma3nForConditionalGeneration,
+        Gemma3nProcessor,
+        SiglipImageProcessorPil,
+    )
+
+    path = Path(path)
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                "<start_of_audio>"]
+    # The tokens after the text vocabulary, in the order the model's embedders expect them.
+    vision_tokens, audio_tokens = ["<end_of_image>", "<image_soft_token>"], ["<end_of_audio>", "<audio_soft_token>"]
+    tokenizer = _tokenizer(
+        specials, extra_text, vocab_size, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>",
+        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": vision_tokens[0],
+                              "image_token": vision_tokens[1], "boa_token": "<start_of_audio>",
+                              "eoa_token": audio_tokens[0], "audio_token": audio_tokens[1]},
+    )
+    text_vocab = tokenizer.convert_tokens_to_ids(vision_tokens[0])
+    ids = tokenizer.convert_tokens_to_ids(vision_tokens + audio_tokens)
+    if ids != list(range(text_vocab, text_vocab + 4)) or len(tokenizer) != text_vocab + 4:
+        raise RuntimeError(f"Gemma 3n's vision and audio tokens must close the vocabulary, got ids {ids}")
+    image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size}, do_normalize=False,
+                                              resample=2)  # bilinear, as the real checkpoint
+    soft_tokens = soft_tokens_side ** 2
+    processor = Gemma3nProcessor(feature_extractor=Gemma3nAudioFeatureExtractor(), image_processor=image_processor,
+                                 tokenizer=tokenizer, chat_template=GEMMA3N_CHAT_TEMPLATE, image_seq_length=soft_tokens,
+                                 audio_seq_length=4)
+    torch.manual_seed(seed)
+    config = Gemma3nConfig(
+        vision_config={"architecture": "mobilenetv5_300m_enc", "vocab_size": 2, "vocab_offset": text_vocab,
+                       "model_args": {"channel_multiplier": channel_multiplier,
+                                      "msfa_output_resolution": soft_tokens_side}},
+        audio_config={"vocab_size": 2, "vocab_offset": text_vocab + 2, "hidden_size": 32,
+                      "conf_num_attention_heads": 2, "conf_num_hidden_layers": 1, "sscp_conv_channel_size": [8, 4]},
+        text_config=_text_config(
+            tokenizer, hidden_size, num_layers, model_type="gemma3n_text", vocab_size=text_vocab + 4,
+            vocab_size_per_layer_input=text_vocab, hidden_size_per_layer_input=8, head_dim=hidden_size // 4,
+            altup_num_inputs=2, laurel_rank=4, num_kv_shared_layers=0, sliding_window=64,
+            layer_types=["sliding_attention", "full_attention"][-num_layers:] if num_layers <= 2 else None,
+            activation_sparsity_pattern=[0.95] + [0.0] * (num_layers - 1),
+        ),
+        vision_soft_tokens_per_image=soft_tokens, audio_soft_tokens_per_image=4,
+        boi_token_id=tokenizer.convert_tokens_to_ids("<start_of_image>"), eoi_token_id=ids[0], image_token_id=ids[1],
+        boa_token_id=tokenizer.convert_tokens_to_ids("<start_of_audio>"), eoa_token_id=ids[2], audio_token_id=ids[3],
+    )
+    return _save(Gemma3nForConditionalGeneration(config), processor, path, "Gemma 3n")
+
+
 # Family name → builder. Names are what tests and the demo pass to build_tiny.
 BUILDERS: dict[str, Callable[..., Path]] = {
     "idefics3": build_tiny_idefics3,
@@ -1135,10 +1201,11 @@ BUILDERS: dict[str, Callable[..., Path]] = {
     "mistral3": build_tiny_mistral3,
     "lfm2_vl": build_tiny_lfm2_vl,
     "llama4": build_tiny_llama4,
+    "gemma3n": build_tiny_gemma3n,
 }
 # Families whose processor only exists with torchvision installed (transformers imports it in their processing or
 # image-processing module), or whose vision tower needs timm: built and tested only where those import.
-TORCHVISION_FAMILIES: tuple[str, ...] = ("mistral3", "lfm2_vl", "llama4")
+TORCHVISION_FAMILIES: tuple[str, ...] = ("mistral3", "lfm2_vl", "llama4", "gemma3n")
 FAMILIES: tuple[str, ...] = tuple(name for name in BUILDERS if name not in TORCHVISION_FAMILIES)
 
 
