@@ -125,6 +125,26 @@ def test_unpackable_families_fall_back_once_with_a_log_line(family: str, tiny: A
     assert padding_free_decision(model, batch, False) is False
 
 
+def test_auto_packs_only_batches_with_enough_padding(tiny: Any) -> None:
+    """auto leaves a batch without padding as it is (packing it would only add per-sequence attention calls) and
+    packs one whose padding reaches MIN_PADDING_SHARE; true packs both."""
+    from adpo.packing import MIN_PADDING_SHARE, padding_share
+
+    model, processor = _load(tiny("llava"))
+    batch, _ = _batch(processor)
+    assert padding_share(batch) >= MIN_PADDING_SHARE
+    assert padding_free_decision(model, batch, None) is True
+    row = {"response": "A red circle.", "chosen": "What is shown?", "rejected": "What is shown?",
+           "chosen_images": [_image("red", 32, 32)], "rejected_images": [_image("blue", 32, 32)]}
+    even = ADPOCollator(processor, multimodal=True)([row, row])
+    assert padding_share(even) == 0.0
+    assert padding_free_decision(model, even, None) is False
+    assert padding_free_decision(model, even, True) is True
+    almost = {**even, "attention_mask": even["attention_mask"].clone()}
+    almost["attention_mask"][0, -1] = 0  # one padded position in the batch: below the share
+    assert 0 < padding_share(almost) < MIN_PADDING_SHARE and padding_free_decision(model, almost, None) is False
+
+
 def test_trainer_packs_by_default_with_the_padded_loss(tiny: Any, tmp_path: Path) -> None:
     """Through the trainer (policy + frozen reference): --padding_free auto packs, same loss and metrics as false."""
     import json

@@ -264,8 +264,9 @@ class ADPOConfig(TrainingArguments):
         default=None,
         metadata={"help": "Padding-free batches: the step's sequences packed into one row of their tokens, each with "
                   "its own positions, attention within each sequence only (so no compute on padding). Unset "
-                  "(auto): wherever the model family allows (not Mllama, PaliGemma, Gemma 3: logged once, then "
-                  "padded batches); true: an error where it cannot; false: padded batches."},
+                  "(auto): batches with at least 10% padding, wherever the model family allows (not Mllama, "
+                  "PaliGemma, Gemma 3: logged once, then padded batches); true: every batch, an error where it "
+                  "cannot; false: padded batches."},
     )
     deduplicate_images: bool = field(
         default=True,
