@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from typing import Any
 
 import pytest
 import torch
@@ -101,6 +102,36 @@ class Block(nn.Module):
         self.router = Router(4, 2)
 
 
+class ScaledLinear(nn.Linear):
+    """A Linear subclass with a forward of its own that still returns the layer's output (as Falcon's)."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(hidden) * 2
+
+
+def test_linear_subclasses_returning_their_output_stay_adaptable() -> None:
+    assert lora_adaptable(ScaledLinear(4, 3))
+    assert not lora_adaptable(Router(4, 2))
+    assert not lora_adaptable(nn.Conv2d(3, 3, 1))
+    with torch.device("meta"):  # no weights materialised: the probe still runs
+        assert lora_adaptable(ScaledLinear(4, 3)) and not lora_adaptable(Router(4, 2))
+    sharded = Router(4, 2)
+    sharded.weight = nn.Parameter(torch.empty(0))  # as a ZeRO-3 partition: the probe fails, PEFT decides
+    assert lora_adaptable(sharded)
+
+
+def test_llama4_output_repair_leaves_tuples_alone() -> None:
+    """With return_dict=False the language model returns a tuple, which the wrapper never reads the field from."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from adpo.compat import _add_missing_image_outputs
+
+    logits = torch.zeros(1, 2, 3)
+    assert _add_missing_image_outputs(nn.Identity(), (), (logits,)) == (logits,)
+    output = _add_missing_image_outputs(nn.Identity(), (), CausalLMOutputWithPast(logits=logits))
+    assert output.image_outputs is None and output.logits is logits
+
+
 def test_lora_never_targets_linear_layers_with_their_own_forward() -> None:
     model = nn.Module()
     model.model = nn.Module()
@@ -110,8 +141,10 @@ def test_lora_never_targets_linear_layers_with_their_own_forward() -> None:
     assert not_lora_adaptable(model) == ["model.language_model.0.router", "model.language_model.1.router"]
     assert lora_targets(model, "language_model") == ["model.language_model.0.q_proj", "model.language_model.1.q_proj"]
     assert lora_targets(model, "q_proj") == ["model.language_model.0.q_proj", "model.language_model.1.q_proj"]
+    model.model.language_model[0].scaled = ScaledLinear(4, 4)
+    assert lora_targets(model, "scaled") == ["model.language_model.0.scaled"]
     for spec in ("router", "q_proj,router"):  # asked for by name: an error, never a silent drop
-        with pytest.raises(ValueError, match="'router' names only Linear layers with a forward of their own"):
+        with pytest.raises(ValueError, match="'router' names only Linear layers whose forward returns something other"):
             lora_targets(model, spec)
 
 
@@ -129,3 +162,20 @@ def test_low_precision_inputs_take_the_models_dtype() -> None:
     assert in_model_dtype({"pixel_values": pixels32}, torch.bfloat16)["pixel_values"] is pixels32
     half = in_model_dtype({"pixel_values": pixels32.half()}, torch.bfloat16)["pixel_values"]
     assert half.dtype == torch.bfloat16
+
+
+def test_trainer_repairs_models_loaded_outside_adpo(tiny_llama: Any, tmp_path: Any) -> None:
+    """A model loaded with plain from_pretrained (not adpo.modeling) gets the repairs when ADPOTrainer takes it:
+    every checkpointed layer of the policy and of the reference holds the positional-input hook once."""
+    from transformers import AutoModelForCausalLM
+
+    from adpo.config import ADPOConfig
+    from adpo.trainer import ADPOTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    assert not any(hasattr(m, "_adpo_first_parameter") for m in model.modules())
+    ADPOTrainer(model=model, args=ADPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True), ref_model=ref)
+    for each in (model, ref):
+        layers = checkpointed_layers(each)
+        assert layers and all(len(layer._forward_pre_hooks) == 1 for layer in layers)

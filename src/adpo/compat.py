@@ -12,6 +12,7 @@ import logging
 from typing import Any
 
 from torch import nn
+from transformers.utils import ModelOutput
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def llama4_reads_missing_image_outputs(model: nn.Module) -> bool:
 def _add_missing_image_outputs(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
     """Forward hook on the language model: give its output the ``image_outputs`` field the wrapper reads (None:
     the language model saw no images itself; the logits are untouched)."""
-    if not hasattr(output, "image_outputs"):
+    if isinstance(output, ModelOutput) and not hasattr(output, "image_outputs"):  # return_dict=False: a tuple
         output.image_outputs = None
     return output
 
@@ -74,11 +75,13 @@ def repair_model(model: nn.Module) -> list[str]:
     """Apply every repair whose bug ``model`` runs into; returns what was repaired (for the log and for tests).
 
     The repairs are forward hooks on the instance: they travel with ``copy.deepcopy`` (the frozen reference) and
-    PEFT wrapping, and are not saved with the weights."""
+    PEFT wrapping, and are not saved with the weights. Idempotent: the loader and the trainer both call it (a
+    model built or loaded outside adpo is repaired when the trainer gets it)."""
     repaired = []
-    if llama4_reads_missing_image_outputs(model) and not getattr(model.language_model, "_adpo_image_outputs", False):
-        model.language_model.register_forward_hook(_add_missing_image_outputs)
-        model.language_model._adpo_image_outputs = True
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model  # PEFT
+    if llama4_reads_missing_image_outputs(base) and not getattr(base.language_model, "_adpo_image_outputs", False):
+        base.language_model.register_forward_hook(_add_missing_image_outputs)
+        base.language_model._adpo_image_outputs = True
         repaired.append("Llama4ForConditionalGeneration.forward reads image_outputs from its language model's "
                         "output, which lacks it (transformers bug): the field is added as None")
     # Re-entrant gradient checkpointing only sees tensors passed positionally: a layer called with its hidden states

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import weakref
 from typing import Any
 
 import torch
@@ -157,11 +158,31 @@ def _under(name: str, path: str) -> bool:
     return name == path or name.startswith(path + ".")
 
 
+_RETURNS_OUTPUTS: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def _returns_linear_output(module: nn.Linear) -> bool:
+    """Whether a Linear subclass with a forward of its own still returns one tensor of ``out_features`` columns
+    (Falcon's ``FalconLinear`` does; Llama 4's MoE router returns a tuple). One no-grad call on a zero row; a
+    layer that cannot be called that way (sharded or quantized weights) is left to PEFT, as before."""
+    if module not in _RETURNS_OUTPUTS:
+        try:
+            weight = module.weight
+            with torch.no_grad():
+                out = module(torch.zeros(1, module.in_features, dtype=weight.dtype, device=weight.device))
+            _RETURNS_OUTPUTS[module] = isinstance(out, torch.Tensor) and out.shape[-1] == module.out_features
+        except Exception:  # noqa: BLE001 - any failure means: cannot tell, keep PEFT's own judgement
+            _RETURNS_OUTPUTS[module] = True
+    return _RETURNS_OUTPUTS[module]
+
+
 def lora_adaptable(module: nn.Module) -> bool:
-    """Whether LoRA can wrap ``module``: a ``torch.nn.Linear`` whose forward is Linear's own. A subclass with a
-    forward of its own returns something else (Llama 4's mixture-of-experts router returns a tuple of scores and
-    logits), which a LoRA layer cannot add its update to."""
-    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+    """Whether LoRA can wrap ``module``: a ``torch.nn.Linear`` whose output is one tensor of its ``out_features``.
+    A subclass with a forward of its own may return something else (Llama 4's mixture-of-experts router returns a
+    tuple of scores and logits), which a LoRA layer cannot add its update to; one probe call tells."""
+    if not isinstance(module, nn.Linear):
+        return False
+    return type(module).forward is nn.Linear.forward or _returns_linear_output(module)
 
 
 def lora_adaptable_conv(module: nn.Module) -> bool:
@@ -216,8 +237,8 @@ def lora_targets(model: nn.Module, spec: str | None) -> list[str] | str:
 
     Component names become the Linear layers inside them, ``all-linear`` passes through (PEFT then takes Linear
     layers only, never a Conv patch embedding; :func:`apply_lora` excludes those LoRA cannot wrap), anything else
-    must be a module-name suffix present in the model. Linear layers with a forward of their own are never
-    targets (:func:`lora_adaptable`).
+    must be a module-name suffix present in the model. Linear layers whose forward returns something other than
+    their output are never targets (:func:`lora_adaptable`).
     """
     names = _split(spec)
     if names == ["all-linear"]:
@@ -239,9 +260,14 @@ def lora_targets(model: nn.Module, spec: str | None) -> list[str] | str:
     for suffix in suffixes:
         matches = [m for m in module_names if m == suffix or m.endswith("." + suffix)]
         if all(m in unadaptable for m in matches):
-            raise ValueError(f"--lora_target_modules: {suffix!r} names only Linear layers with a forward of their own "
+            raise ValueError(f"--lora_target_modules: {suffix!r} names only Linear layers whose forward returns "
+                             "something other than their output "
                              f"({type(model.get_submodule(matches[0])).__name__}, e.g. {matches[0]}): LoRA cannot "
                              "wrap them; target the layers around them instead.")
+        skipped = [m for m in matches if m in unadaptable]
+        if skipped:
+            logger.warning("--lora_target_modules %r: leaving out %d Linear layers LoRA cannot wrap (%s, e.g. %s)",
+                           suffix, len(skipped), type(model.get_submodule(skipped[0])).__name__, skipped[0])
         targets.extend(m for m in matches if m not in targets and m not in unadaptable)
     return targets
 
@@ -288,20 +314,21 @@ def apply_lora(model: PreTrainedModel, args: ModelArguments) -> nn.Module:
         logger.info("%s have no Linear layer for LoRA; training them fully (saved with the adapter)", to_save)
     if not targets:
         raise ValueError(f"--lora_target_modules {args.lora_target_modules!r} selects no layer LoRA can adapt"
-                         + (f" ({', '.join(to_save)} has no Linear layer)" if to_save else "")
+                         + (f" ({', '.join(to_save)} has no Linear layer or ungrouped convolution)"
+                            if to_save else "")
                          + "; add another component, e.g. language_model.")
     # "all-linear" is PEFT's: it would also take Linear subclasses LoRA cannot wrap (Llama 4's MoE router).
     exclude = not_lora_adaptable(model) if targets == "all-linear" else []
     if targets == "all-linear":
         for name in COMPONENTS:
-            if component_path(model, name) and not any(isinstance(m, nn.Linear)
+            if component_path(model, name) and not any(lora_adaptable(m)
                                                        for m in component_modules(model, name).values()):
-                logger.warning("LoRA all-linear: the %s (%s) has no Linear layer and gets no adapter; name it in "
-                               "--lora_target_modules to adapt its convolutions or train it whole", name,
+                logger.warning("LoRA all-linear: the %s (%s) has no Linear layer LoRA can wrap and gets no adapter; "
+                               "name it in --lora_target_modules to adapt its convolutions or train it whole", name,
                                component_path(model, name))
     if exclude:
-        logger.info("LoRA all-linear: leaving out %d Linear layers with a forward of their own (%s)", len(exclude),
-                    type(model.get_submodule(exclude[0])).__name__)
+        logger.info("LoRA all-linear: leaving out %d Linear layers whose forward does not return their output (%s)",
+                    len(exclude), type(model.get_submodule(exclude[0])).__name__)
     config = LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,

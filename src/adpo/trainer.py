@@ -22,6 +22,7 @@ from torch.profiler import record_function
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 
 from .collator import REF_COUNTS, REF_LOGPS, RESPONSE_MASK, ROW_IDS
+from .compat import repair_model
 from .config import ADPOConfig
 from .guard import NonFiniteGuard, NonFiniteWeightsCheck
 from .image_dedup import each_image_once
@@ -54,6 +55,9 @@ class ADPOTrainer(Trainer):
         if ref_model is None and not args.reference_free and not hasattr(model, "disable_adapter"):
             raise ValueError("ADPOTrainer needs a ref_model, a PEFT model (adapters off = reference) or "
                              "reference_free=True.")
+        for each in (model, ref_model):  # models loaded outside adpo.modeling get the same repairs
+            if each is not None:
+                repair_model(each)
         super().__init__(model=model, args=args, **kwargs)
         self._metrics: dict[str, defaultdict[str, list[float]]] = {
             "train": defaultdict(list), "eval": defaultdict(list)
