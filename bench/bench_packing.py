@@ -33,13 +33,12 @@ import random
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-WORDS = ("what fruit is shown in this image the shape red green blue yellow circle square triangle star left "
-         "right top bottom small large apple one two three four five describe picture question answer").split()
+# Run as a script, bench/ is on sys.path: its sibling modules import by name.
+from common import WORDS, PeakRSS  # noqa: E402
 
 # comparison → (model, rows, the ADPOConfig field toggled, baseline value, new value)
 COMPARISONS: dict[str, tuple[str, str, str, Any, Any]] = {
@@ -50,34 +49,6 @@ COMPARISONS: dict[str, tuple[str, str, str, Any, Any]] = {
     "torch_compile, Llama-style text model": ("llama", "text", "torch_compile", False, True),
 }
 GROUPS = {"packing": list(COMPARISONS)[:2], "dedup": [list(COMPARISONS)[2]], "compile": [list(COMPARISONS)[3]]}
-
-
-class PeakRSS:
-    """This process's peak resident set size, sampled every millisecond in a background thread."""
-
-    def __init__(self) -> None:
-        self.peak = self.now()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def now() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.now())
-            time.sleep(0.001)
-
-    def start(self) -> None:
-        self.start_value = self.peak = self.now()
-        self._thread.start()
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return self.peak
 
 
 # ------------------------------------------------------------------------------------------------ models and rows
@@ -177,13 +148,12 @@ def run_comparison(name: str, folder: Path, args: argparse.Namespace) -> dict[st
             run_model = compiled if setting else model
         else:
             setattr(trainer.args, flag, setting)
-        rss = PeakRSS()
-        rss.start()
-        start, cpu = time.perf_counter(), time.process_time()
-        trainer.training_step(run_model, dict(batch))
-        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        with PeakRSS() as rss:
+            start, cpu = time.perf_counter(), time.process_time()
+            trainer.training_step(run_model, dict(batch))
+            seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         model.zero_grad(set_to_none=True)
-        return seconds, cpu, rss.stop() - rss.start_value
+        return seconds, cpu, rss.peak - rss.start_value
 
     for setting in (base, new):  # warm-up (compilation, the fused head's first-call check, allocator)
         for _ in range(args.compile_warmup if flag == "torch_compile" and setting else 1):

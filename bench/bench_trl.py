@@ -29,9 +29,11 @@ import random
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+# Run as a script, bench/ is on sys.path: its sibling modules import by name.
+from common import WORDS, PeakRSS  # noqa: E402
 
 MODELS = {
     # hidden size, layers, model vocabulary (the tokenizer is the same small BPE for all, so tokenisation is equal)
@@ -39,36 +41,6 @@ MODELS = {
     "tiny": dict(hidden_size=64, num_layers=2, model_vocab_size=400),
 }
 OVERRIDES: dict[str, int | None] = {}
-WORDS = ("what fruit is shown in this image the shape red green blue yellow circle square triangle star left "
-         "right top bottom small large apple one two three four five describe picture question answer").split()
-
-
-class PeakRSS:
-    """Samples this process's resident set size every millisecond in a background thread."""
-
-    def __init__(self) -> None:
-        self.peak = self.now()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def now() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.now())
-            time.sleep(0.001)
-
-    def __enter__(self) -> PeakRSS:
-        self.peak = max(self.peak, self.now())
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def words(rng: random.Random, n: int) -> str:

@@ -632,6 +632,7 @@ def test_llama4_forward_is_repaired(tiny: Any) -> None:
             with pytest.raises(AttributeError, match="image_outputs"):
                 model(**inputs)
             assert len(repair_model(model)) == 1
+            assert repair_model(model) == []  # once per instance
         else:
             assert repair_model(model) == []
         torch.testing.assert_close(model(**inputs).logits, expected, rtol=0, atol=0)

@@ -79,9 +79,9 @@ def repair_model(model: nn.Module) -> list[str]:
     model built or loaded outside adpo is repaired when the trainer gets it)."""
     repaired = []
     base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model  # PEFT
-    if llama4_reads_missing_image_outputs(base) and not getattr(base.language_model, "_adpo_image_outputs", False):
+    if llama4_reads_missing_image_outputs(base) and \
+            _add_missing_image_outputs not in base.language_model._forward_hooks.values():
         base.language_model.register_forward_hook(_add_missing_image_outputs)
-        base.language_model._adpo_image_outputs = True
         repaired.append("Llama4ForConditionalGeneration.forward reads image_outputs from its language model's "
                         "output, which lacks it (transformers bug): the field is added as None")
     # Re-entrant gradient checkpointing only sees tensors passed positionally: a layer called with its hidden states

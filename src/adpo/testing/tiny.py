@@ -1137,6 +1137,7 @@ def build_tiny_gemma3n(
         Gemma3nProcessor,
         SiglipImageProcessorPil,
     )
+    from transformers.image_utils import PILImageResampling
 
     path = Path(path)
     specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
@@ -1154,7 +1155,7 @@ def build_tiny_gemma3n(
     if ids != list(range(text_vocab, text_vocab + 4)) or len(tokenizer) != text_vocab + 4:
         raise RuntimeError(f"Gemma 3n's vision and audio tokens must close the vocabulary, got ids {ids}")
     image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size}, do_normalize=False,
-                                              resample=2)  # bilinear, as the real checkpoint
+                                              resample=PILImageResampling.BILINEAR)  # as the real checkpoint
     soft_tokens = soft_tokens_side ** 2
     processor = Gemma3nProcessor(feature_extractor=Gemma3nAudioFeatureExtractor(), image_processor=image_processor,
                                  tokenizer=tokenizer, chat_template=GEMMA3N_CHAT_TEMPLATE, image_seq_length=soft_tokens,
